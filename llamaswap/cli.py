@@ -1,0 +1,27 @@
+"""The ``llama-swap`` console script and ``python -m llamaswap``.
+
+Both run exactly what ``twistd -n llamaswap`` runs: the same options and the
+same service tree, in the foreground, without a pid file.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--version", "-V") for a in args):
+        from . import __version__
+
+        print(f"llamaswap {__version__}")
+        return
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["llama-swap", "--nodaemon", "--pidfile=", "llamaswap", *args]
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Every configuration default, in one place.
+
+Values follow llama-swap's documented defaults (reference §1) unless a
+comment says otherwise.
+"""
+
+HEALTH_CHECK_TIMEOUT = 120
+HEALTH_CHECK_TIMEOUT_MIN = 15  # smaller values are clamped to this, silently
+LOG_LEVEL = "info"
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_TIME_FORMAT = ""
+LOG_TIME_FORMATS = (
+    "ansic", "unixdate", "rubydate", "rfc822", "rfc822z", "rfc850", "rfc1123",
+    "rfc1123z", "rfc3339", "rfc3339nano", "kitchen", "stamp", "stampmilli",
+    "stampmicro", "stampnano",
+)
+LOG_TO_STDOUT = "proxy"
+LOG_TO_STDOUT_CHOICES = ("proxy", "upstream", "both", "none")
+METRICS_MAX_IN_MEMORY = 1000
+CAPTURE_BUFFER_MB = 5
+SESSION_ID_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
+PERFORMANCE_EVERY = 5.0
+PERFORMANCE_EVERY_MIN = 5.0
+GLOBAL_TTL = 0
+UNLOAD_TIMEOUT = 10
+START_PORT = 5800
+SEND_LOADING_STATE = False
+INCLUDE_ALIASES_IN_LIST = False
+IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+
+# per model
+MODEL_PROXY = "http://localhost:${PORT}"
+MODEL_CHECK_ENDPOINT = "/health"
+MODEL_TTL = -1  # -1 means "use globalTTL"
+CONCURRENCY_LIMIT = 10
+COMFYUI_MODEL_ID = "comfyui_auto"
+COMFYUI_CONCURRENCY_LIMIT = 50
+MODEL_TIMEOUTS = {
+    "connect": 30,
+    "keepalive": 30,
+    "responseHeader": 0,
+    "tlsHandshake": 10,
+    "expectContinue": 1,
+    "idleConn": 90,
+}
+PEER_TIMEOUTS = dict(MODEL_TIMEOUTS, responseHeader=60)
+MODALITIES = ("text", "audio", "image")
+
+# routing
+ROUTER = "group"
+SCHEDULER = "fifo"
+DEFAULT_GROUP = "(default)"
+GROUP_SWAP = True
+GROUP_EXCLUSIVE = True
+GROUP_PERSISTENT = False
+MATRIX_EVICT_COST = 1
+PRIORITY = 0
+# llamaswap additions: starvation bound and queue bound of the scheduler
+MAX_WAIT = 60.0
+MAX_QUEUE = 512
+
+# selectors
+SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
+SELECTOR_SPILLOVER = 1
+
+# proxy (llamaswap addition: request bodies are read with a bound)
+MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+
+# command line
+LISTEN = "127.0.0.1:8080"
+WATCH_INTERVAL = 2.0

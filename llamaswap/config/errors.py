@@ -1,0 +1,79 @@
+"""Configuration errors that name the key path and the YAML line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .yamltree import Lines, Path, format_path
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, reported together."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = list(errors)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.errors)
+        head = f"{self.source}: {n} configuration error{'s' if n != 1 else ''}"
+        return head + "".join(f"\n  {e}" for e in self.errors)
+
+
+class Problems:
+    """Collects located errors and warnings while a config is checked."""
+
+    def __init__(self, main_source: str, lines: Lines | None = None):
+        self.main_source = main_source
+        self.lines: Lines = lines if lines is not None else {}
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def locate(self, path: Path) -> str:
+        p = tuple(path)
+        while p not in self.lines and p:
+            p = p[:-1]
+        loc = self.lines.get(p)
+        if not loc:
+            return ""
+        source, line = loc
+        if source == self.main_source:
+            return f" (line {line})"
+        return f" ({source} line {line})"
+
+    def _format(self, path: Path, message: str) -> str:
+        name = format_path(path)
+        return f"{name}{self.locate(path)}: {message}" if name else message
+
+    def error(self, path: Path, message: str) -> None:
+        text = self._format(path, message)
+        if text not in self.errors:
+            self.errors.append(text)
+
+    def warn(self, path: Path, message: str) -> None:
+        text = self._format(path, message)
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigError(self.main_source, self.errors)
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__

@@ -1,0 +1,231 @@
+"""Immutable, typed configuration objects.
+
+Mappings are read-only ``MappingProxyType`` views and sequences are tuples, so
+a loaded ``Config`` can be shared freely between reactor callbacks.  Values
+hold the *effective* setting (``ttl`` already falls back to ``globalTTL``,
+``concurrency_limit`` to the default of 10, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def freeze(value: Any) -> Any:
+    """Deep-freeze plain YAML data: dicts become read-only views, lists tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Plain dicts and lists again (for JSON output)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Transport timeouts towards an upstream, in seconds (0 = none)."""
+
+    connect: int = 30
+    keepalive: int = 30
+    response_header: int = 0
+    tls_handshake: int = 10
+    expect_continue: int = 1
+    idle_conn: int = 90
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Request rewriting applied before a body goes upstream."""
+
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    set_params_by_id: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: EMPTY)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.inputs or self.outputs or self.tools or self.reranker or self.context)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One local model: the upstream server llamaswap starts and stops."""
+
+    id: str
+    cmd: str
+    cmd_stop: str = ""
+    proxy: str = ""
+    aliases: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    check_endpoint: str = "/health"
+    ttl: int = 0
+    unload_timeout: int = 10
+    health_check_timeout: int = 120
+    unlisted: bool = False
+    use_model_name: str = ""
+    name: str = ""
+    description: str = ""
+    concurrency_limit: int = 10
+    filters: Filters = Filters()
+    macros: tuple[tuple[str, Any], ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    send_loading_state: bool = False
+    timeouts: Timeouts = Timeouts()
+    ignore_websockets: bool = False
+    capabilities: Capabilities = Capabilities()
+    port: Optional[int] = None
+    priority: int = 0
+
+    @property
+    def health_check_disabled(self) -> bool:
+        return self.check_endpoint.strip() == "none"
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    members: tuple[str, ...]
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+
+
+@dataclass(frozen=True)
+class MatrixSet:
+    """A named set; ``alternatives`` is its expansion: each a group of models
+    that may run together."""
+
+    name: str
+    dsl: str
+    alternatives: tuple[frozenset, ...]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    vars: Mapping[str, str]
+    evict_costs: Mapping[str, int]  # real model id -> cost (default 1)
+    sets: tuple[MatrixSet, ...]
+
+    def evict_cost(self, model_id: str) -> int:
+        return self.evict_costs.get(model_id, 1)
+
+
+@dataclass(frozen=True)
+class Routing:
+    router: str = "group"
+    groups: tuple[Group, ...] = ()
+    matrix: Optional[Matrix] = None
+    scheduler: str = "fifo"
+    priority: Mapping[str, int] = field(default_factory=lambda: EMPTY)  # real model id -> priority
+    max_wait: float = 60.0
+    max_queue: int = 512
+
+
+@dataclass(frozen=True)
+class Peer:
+    id: str
+    proxy: str
+    models: tuple[str, ...]
+    api_key: str = ""
+    filters: Filters = Filters()
+    timeouts: Timeouts = Timeouts(response_header=60)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    pins: Mapping[str, Optional[str]]  # requested id -> target (None disables)
+
+
+@dataclass(frozen=True)
+class Selector:
+    id: str
+    strategy: str
+    targets: tuple[str, ...]
+    spillover: int = 1
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+
+@dataclass(frozen=True)
+class Performance:
+    disabled: bool = False
+    every: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    models: Mapping[str, ModelConfig] = field(default_factory=lambda: EMPTY)
+    health_check_timeout: int = 120
+    log_level: str = "info"
+    log_time_format: str = ""
+    log_to_stdout: str = "proxy"
+    log_requests: bool = False
+    metrics_max_in_memory: int = 1000
+    capture_buffer: int = 5
+    store_path: Optional[str] = None
+    session_id_headers: tuple[str, ...] = ()
+    performance: Performance = Performance()
+    global_ttl: int = 0
+    unload_timeout: int = 10
+    start_port: int = 5800
+    send_loading_state: bool = False
+    include_aliases_in_list: bool = False
+    macros: tuple[tuple[str, Any], ...] = ()
+    api_keys: tuple[str, ...] = ()
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: EMPTY)
+    selectors: Mapping[str, Selector] = field(default_factory=lambda: EMPTY)
+    preload: tuple[str, ...] = ()
+    routing: Routing = Routing()
+    peers: Mapping[str, Peer] = field(default_factory=lambda: EMPTY)
+    ignore_paths: tuple[str, ...] = ()
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    aliases: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # alias -> model id
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    def real_model_name(self, name: str) -> Optional[str]:
+        """The model id for an id or alias, else None."""
+        if name in self.models:
+            return name
+        return self.aliases.get(name)
+
+    def group_of(self, model_id: str) -> Optional[Group]:
+        for group in self.routing.groups:
+            if model_id in group.members:
+                return group
+        return None
+
+    def peer_model(self, name: str) -> Optional[tuple[str, str]]:
+        """``(peer id, model)`` for ``peer/model`` or a bare model exactly one peer lists."""
+        for peer in self.peers.values():
+            prefix = peer.id + "/"
+            if name.startswith(prefix) and name[len(prefix):] in peer.models:
+                return peer.id, name[len(prefix):]
+        owners = [p.id for p in self.peers.values() if name in p.models]
+        if len(owners) == 1:
+            return owners[0], name
+        return None

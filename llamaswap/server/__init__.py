@@ -1,0 +1,5 @@
+"""The HTTP API (Klein)."""
+
+from .app import LlamaSwapApp
+
+__all__ = ["LlamaSwapApp"]

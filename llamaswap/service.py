@@ -1,0 +1,147 @@
+"""The service tree: HTTP listeners and the config watcher.
+
+``build_service`` is what ``twistd -n llamaswap``, ``llama-swap`` and
+``python -m llamaswap`` all run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional, Sequence
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from .config import Config, ConfigError, defaults, diff, load_config
+from .server import LlamaSwapApp
+
+
+class LlamaSwapService(MultiService):
+    """Root service: owns the current config and reloads it on request."""
+
+    log = Logger()
+
+    def __init__(self, reactor, config: Config, config_path: Optional[str] = None,
+                 config_dir: Optional[str] = None):
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.config_path = config_path
+        self.config_dir = config_dir
+        self.api = LlamaSwapApp(lambda: self.config)
+        self._reloading = False
+
+    def startService(self) -> None:
+        for warning in self.config.warnings:
+            self.log.warn("config: {warning}", warning=warning)
+        self.log.info("llamaswap: {n} model(s) configured: {models}",
+                      n=len(self.config.models), models=", ".join(sorted(self.config.models)) or "-")
+        super().startService()
+
+    def reload(self) -> bool:
+        """Load the config again; on error keep the old one.  True if applied."""
+        if self._reloading:
+            return False
+        self._reloading = True
+        try:
+            try:
+                new = load_config(self.config_path, self.config_dir)
+            except ConfigError as e:
+                self.log.warn("config reload failed, keeping the running config:\n{error}", error=str(e))
+                return False
+            change = diff(self.config, new)
+            self.config = new
+            self.log.info(
+                "config reloaded: added={added} removed={removed} changed={changed}",
+                added=sorted(change.added), removed=sorted(change.removed), changed=sorted(change.changed),
+            )
+            return True
+        finally:
+            self._reloading = False
+
+
+class ConfigWatcher(TimerService):
+    """Polls the config file (or directory) every 2 s; a change triggers a reload.
+
+    A file that disappears is ignored; when it comes back that counts as a change.
+    """
+
+    def __init__(self, root: LlamaSwapService, interval: float = defaults.WATCH_INTERVAL):
+        super().__init__(interval, self.check)
+        self.root = root
+        self.clock = root.reactor
+        self._last = self.fingerprint()
+
+    def fingerprint(self):
+        prints = []
+        if self.root.config_path:
+            prints.append(_stat(self.root.config_path))
+        if self.root.config_dir:
+            try:
+                names = sorted(n for n in os.listdir(self.root.config_dir) if n.endswith((".yml", ".yaml")))
+            except OSError:
+                names = []
+            prints.extend((n, _stat(os.path.join(self.root.config_dir, n))) for n in names)
+        return tuple(prints)
+
+    def check(self) -> None:
+        current = self.fingerprint()
+        if current == self._last:
+            return
+        missing = self.root.config_path and current and current[0] is None
+        self._last = current
+        if not missing:
+            self.root.reload()
+
+
+def _stat(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+class SighupReload(Service):
+    """SIGHUP reloads the config (without it, SIGHUP would end the process)."""
+
+    def __init__(self, root: LlamaSwapService):
+        self.root = root
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.root.reactor.callFromThread(self.root.reload)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+
+def build_service(
+    reactor,
+    config: Config,
+    endpoints: Sequence[str],
+    config_path: Optional[str] = None,
+    config_dir: Optional[str] = None,
+    watch: bool = False,
+) -> LlamaSwapService:
+    root = LlamaSwapService(reactor, config, config_path, config_dir)
+    SighupReload(root).setServiceParent(root)
+    if watch:
+        ConfigWatcher(root).setServiceParent(root)
+    site = Site(root.api.resource())
+    for description in endpoints:
+        http = StreamServerEndpointService(serverFromString(reactor, description), site)
+        http._raiseSynchronously = True  # a bind error aborts start-up loudly
+        http.setName(f"http:{description}")
+        http.setServiceParent(root)
+    return root

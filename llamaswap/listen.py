@@ -16,12 +16,13 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-def to_endpoint(listen: str) -> str:
+def to_endpoint(listen: str, tls: "tuple[str, str] | None" = None) -> str:
     """The Twisted server endpoint string for one ``--listen`` value.
 
     ``127.0.0.1:8080`` → ``tcp:8080:interface=127.0.0.1``; ``:8080`` → all
     interfaces (as llama-swap users write it); ``[::1]:8080`` → IPv6;
-    ``tcp:…``, ``unix:…``, ``ssl:…``, ``systemd:…`` pass through.
+    ``tcp:…``, ``unix:…``, ``ssl:…``, ``systemd:…`` pass through.  With
+    ``tls=(cert, key)`` the ``HOST:PORT`` forms become ``ssl:`` endpoints.
     """
     text = listen.strip()
     if not text:
@@ -32,7 +33,10 @@ def to_endpoint(listen: str) -> str:
         if not 0 <= port <= 65535:
             raise ListenError(f"port out of range in --listen {listen!r}")
         host = m.group("v6") or m.group("host") or ""
-        return f"tcp:{port}" + (f":interface={_quote(host)}" if host else "")
+        endpoint = f"{port}" + (f":interface={_quote(host)}" if host else "")
+        if tls:
+            return f"ssl:{endpoint}:certKey={_quote(tls[0])}:privateKey={_quote(tls[1])}"
+        return "tcp:" + endpoint
     if text.isdigit():
         return f"tcp:{int(text)}"
     if _ENDPOINT.match(text):

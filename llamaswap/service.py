@@ -14,7 +14,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from .config import Config, ConfigError, defaults, diff, load_config
 from .server import LlamaSwapApp
@@ -126,6 +126,16 @@ class SighupReload(Service):
         return super().stopService()
 
 
+class _Request(Request):
+    """A request that also works on listeners without a host (unix sockets)."""
+
+    def getRequestHostname(self) -> bytes:
+        host = self.getHeader(b"host")
+        if host:
+            return host.split(b":", 1)[0] if not host.startswith(b"[") else host.split(b"]", 1)[0] + b"]"
+        return str(getattr(self.getHost(), "host", "localhost")).encode()
+
+
 def build_service(
     reactor,
     config: Config,
@@ -138,7 +148,7 @@ def build_service(
     SighupReload(root).setServiceParent(root)
     if watch:
         ConfigWatcher(root).setServiceParent(root)
-    site = Site(root.api.resource())
+    site = Site(root.api.resource(), requestFactory=_Request)
     for description in endpoints:
         http = StreamServerEndpointService(serverFromString(reactor, description), site)
         http._raiseSynchronously = True  # a bind error aborts start-up loudly

@@ -63,10 +63,8 @@ class Options(usage.Options):
         endpoints = []
         for value in listens:
             try:
-                endpoint = to_endpoint(value)
-                if self["tls-cert-file"] and endpoint.startswith("tcp:"):
-                    endpoint = "ssl:" + endpoint[4:] + ":certKey={}:privateKey={}".format(
-                        self["tls-cert-file"], self["tls-key-file"])
+                tls = (self["tls-cert-file"], self["tls-key-file"]) if self["tls-cert-file"] else None
+                endpoint = to_endpoint(value, tls)
                 check_endpoint(endpoint)
             except ListenError as e:
                 raise usage.UsageError(str(e)) from None

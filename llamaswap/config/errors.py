@@ -28,6 +28,7 @@ class Problems:
         self.main_source = main_source
         self.lines: Lines = lines if lines is not None else {}
         self.errors: list[str] = []
+        self._order: dict[str, tuple] = {}
         self.warnings: list[str] = []
 
     def locate(self, path: Path) -> str:
@@ -50,15 +51,25 @@ class Problems:
         text = self._format(path, message)
         if text not in self.errors:
             self.errors.append(text)
+            self._order[text] = self._position(path)
 
     def warn(self, path: Path, message: str) -> None:
         text = self._format(path, message)
         if text not in self.warnings:
             self.warnings.append(text)
 
+    def _position(self, path: Path) -> tuple:
+        p = tuple(path)
+        while p not in self.lines and p:
+            p = p[:-1]
+        source, line = self.lines.get(p, (self.main_source, 0))
+        return (source != self.main_source, source, line)
+
     def raise_if_any(self) -> None:
+        """Raise every error found, in file and line order."""
         if self.errors:
-            raise ConfigError(self.main_source, self.errors)
+            ordered = sorted(self.errors, key=lambda e: self._order.get(e, (False, "", 0)))
+            raise ConfigError(self.main_source, ordered)
 
 
 def type_name(value: Any) -> str:

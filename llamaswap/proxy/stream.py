@@ -1,0 +1,202 @@
+"""Streaming reverse proxying of one request to an upstream.
+
+``forward`` sends a request with ``Agent`` (an owned connection pool), copies
+the upstream status and headers to the client (hop-by-hop headers dropped,
+``X-Accel-Buffering: no`` added for SSE) and relays the body chunk by chunk:
+
+* backpressure: the relay is registered as the client request's push
+  producer, so a slow client pauses the upstream socket;
+* cancellation: cancelling the returned Deferred (Klein does so when the
+  client disconnects) aborts the upstream connection, so the upstream stops
+  generating;
+* an upstream connection failure is a ``UpstreamUnavailable`` (the router
+  answers 502); upstream error statuses pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IRequest
+from zope.interface import implementer
+
+HOP_BY_HOP = frozenset(
+    h.encode() for h in (
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+    )
+)
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached (connect refused, reset before headers)."""
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory (it was read with a size bound)."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+def upstream_headers(headers: Headers, client_ip: str, proto: str, host: Optional[bytes]) -> Headers:
+    """Request headers for the upstream: hop-by-hop removed, X-Forwarded-* added."""
+    out = Headers()
+    connection_tokens = {
+        t.strip().lower().encode() for v in headers.getRawHeaders(b"connection", []) for t in v.decode(
+            "latin-1").split(",")
+    }
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in connection_tokens or lower in (b"host", b"content-length"):
+            continue
+        out.setRawHeaders(name, values)
+    prior = headers.getRawHeaders(b"x-forwarded-for")
+    out.setRawHeaders(b"x-forwarded-for", [(prior[-1] + ", " if prior else "") + client_ip])
+    out.setRawHeaders(b"x-forwarded-proto", [proto])
+    if host:
+        out.setRawHeaders(b"x-forwarded-host", [host])
+    return out
+
+
+@implementer(IPushProducer)
+class _Relay(Protocol):
+    """Upstream body → client request, with the client's flow control."""
+
+    def __init__(self, request: IRequest, done: defer.Deferred, on_chunk: Optional[Callable[[bytes], None]]):
+        self.request = request
+        self.done = done
+        self.on_chunk = on_chunk
+        self.bytes = 0
+        self.registered = False
+
+    def connectionMade(self) -> None:
+        if getattr(self.request, "channel", None) is None:  # client already gone
+            self.transport.stopProducing()
+            return
+        self.request.registerProducer(self, True)
+        self.registered = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.on_chunk is not None:
+            self.on_chunk(data)
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self.registered and getattr(self.request, "channel", None) is not None:
+            self.request.unregisterProducer()
+        self.registered = False
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.bytes)
+        else:
+            self.done.errback(reason)
+
+    # IPushProducer, driven by the client connection
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def copy_response_headers(response, request: IRequest, extra_drop: Iterable[bytes] = ()) -> None:
+    drop = HOP_BY_HOP | {b"content-length"} | set(extra_drop)
+    length = response.headers.getRawHeaders(b"content-length")
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in drop:
+            request.responseHeaders.setRawHeaders(name, values)
+    if length and len(length) == 1 and length[0].isdigit():
+        request.setHeader(b"content-length", length[0])
+    ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    if b"text/event-stream" in ctype.lower():
+        request.setHeader(b"x-accel-buffering", b"no")
+
+
+def forward(
+    agent: Agent,
+    request: IRequest,
+    url: bytes,
+    body: bytes,
+    headers: Headers,
+    on_chunk: Optional[Callable[[bytes], None]] = None,
+    on_headers: Optional[Callable[[object], None]] = None,
+) -> defer.Deferred:
+    """Proxy ``request`` to ``url``; fires with the number of body bytes relayed.
+
+    Cancelling the Deferred aborts the upstream request at whatever stage it is.
+    """
+    relay_holder: dict = {}
+
+    def cancel(d: defer.Deferred) -> None:
+        relay = relay_holder.get("relay")
+        if relay is not None and relay.transport is not None:
+            relay.transport.stopProducing()
+        pending = relay_holder.get("pending")
+        if pending is not None and not pending.called:
+            pending.cancel()
+
+    done: defer.Deferred = defer.Deferred(cancel)
+    method = request.method
+    producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
+    pending = agent.request(method, url, headers, producer)
+    relay_holder["pending"] = pending
+
+    def got_response(response) -> None:
+        if done.called:
+            return
+        request.setResponseCode(response.code, response.phrase)
+        copy_response_headers(response, request)
+        if on_headers is not None:
+            on_headers(response)
+        relay = _Relay(request, done, on_chunk)
+        relay_holder["relay"] = relay
+        response.deliverBody(relay)
+
+    def failed(failure: Failure) -> None:
+        if done.called:
+            return
+        if failure.check(defer.CancelledError):
+            return
+        done.errback(Failure(UpstreamUnavailable(failure.getErrorMessage() or failure.type.__name__)))
+
+    pending.addCallbacks(got_response, failed)
+    return done
+
+
+def make_agent(reactor, connect_timeout: float = 30.0, max_per_host: int = 64) -> tuple[Agent, HTTPConnectionPool]:
+    """An Agent with its own persistent connection pool (close it on shutdown)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_per_host
+    pool.cachedConnectionTimeout = 60
+    return Agent(reactor, connectTimeout=connect_timeout or None, pool=pool), pool

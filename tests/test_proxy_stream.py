@@ -1,0 +1,142 @@
+"""The streaming relay against a real responder on loopback."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from llamaswap.proxy.stream import UpstreamUnavailable, forward, make_agent, upstream_headers
+from llamaswap.testing.responder import ResponderOptions, build_site
+
+
+class _ProxyResource(Resource):
+    isLeaf = True
+
+    def __init__(self, agent, upstream: str):
+        super().__init__()
+        self.agent = agent
+        self.upstream = upstream
+        self.errors: list = []
+
+    def render(self, request):
+        body = request.content.read()
+        headers = upstream_headers(request.requestHeaders, request.getClientAddress().host, "http",
+                                   request.getHeader(b"host"))
+        d = forward(self.agent, request, (self.upstream + request.uri.decode()).encode(), body, headers)
+
+        def finished(_):
+            if not request._disconnected:
+                request.finish()
+
+        def failed(f):
+            if f.check(defer.CancelledError):
+                return
+            self.errors.append(f.value)
+            request.setResponseCode(502)
+            request.write(b"bad gateway")
+            request.finish()
+
+        d.addCallbacks(finished, failed)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+
+class _Chunks(Protocol):
+    def __init__(self, stop_after=None):
+        self.chunks = []
+        self.done = defer.Deferred()
+        self.first = defer.Deferred()
+        self.stop_after = stop_after
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+        if not self.first.called:
+            self.first.callback(None)
+        if self.stop_after and len(self.chunks) >= self.stop_after:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        if not self.done.called:
+            self.done.callback(None)
+
+
+class StreamTests(TestCase):
+    timeout = 20
+
+    def setUp(self):
+        self.responder_site = build_site(ResponderOptions(id="up", tokens=20, token_delay=0.02, silent=True), reactor)
+        self.upstream_port = reactor.listenTCP(0, self.responder_site, interface="127.0.0.1")
+        self.addCleanup(self.upstream_port.stopListening)
+        self.agent, self.pool = make_agent(reactor)
+        self.addCleanup(self.pool.closeCachedConnections)
+        up = f"http://127.0.0.1:{self.upstream_port.getHost().port}"
+        self.proxy = _ProxyResource(self.agent, up)
+        self.proxy_port = reactor.listenTCP(0, Site(self.proxy), interface="127.0.0.1")
+        self.addCleanup(self.proxy_port.stopListening)
+        self.client_pool = HTTPConnectionPool(reactor, persistent=False)
+        self.client = Agent(reactor, pool=self.client_pool)
+        self.base = f"http://127.0.0.1:{self.proxy_port.getHost().port}"
+
+    def post(self, path, obj):
+        from llamaswap.proxy.stream import BytesProducer
+
+        return self.client.request(b"POST", (self.base + path).encode(),
+                                   Headers({b"content-type": [b"application/json"]}),
+                                   BytesProducer(json.dumps(obj).encode()))
+
+    @defer.inlineCallbacks
+    def test_streams_chunk_by_chunk(self):
+        response = yield self.post("/v1/chat/completions", {"model": "up", "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        collector = _Chunks()
+        response.deliverBody(collector)
+        yield collector.done
+        self.assertTrue(collector.reason.check(ResponseDone))
+        self.assertGreater(len(collector.chunks), 5)  # arrived as generated, not buffered
+        body = b"".join(collector.chunks)
+        self.assertIn(b"data: [DONE]", body)
+
+    @defer.inlineCallbacks
+    def test_echo_sees_forwarded_headers(self):
+        response = yield self.post("/anything?x=1", {"model": "up"})
+        collector = _Chunks()
+        response.deliverBody(collector)
+        yield collector.done
+        echo = json.loads(b"".join(collector.chunks))
+        self.assertEqual(echo["path"], "/anything")
+        self.assertEqual(echo["query"], "x=1")
+        self.assertEqual(echo["headers"]["x-forwarded-for"], "127.0.0.1")
+        self.assertEqual(echo["headers"]["x-forwarded-proto"], "http")
+        self.assertEqual(json.loads(echo["body"]), {"model": "up"})
+
+    @defer.inlineCallbacks
+    def test_client_disconnect_cancels_upstream(self):
+        response = yield self.post("/v1/chat/completions", {"model": "up", "stream": True})
+        collector = _Chunks(stop_after=2)
+        response.deliverBody(collector)
+        yield collector.done
+        responder = self.responder_site.responder
+        for _ in range(100):
+            if responder.cancelled >= 1:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(responder.cancelled, 1)
+
+    @defer.inlineCallbacks
+    def test_upstream_down_is_unavailable(self):
+        self.proxy.upstream = "http://127.0.0.1:1"
+        response = yield self.post("/v1/chat/completions", {"model": "up"})
+        self.assertEqual(response.code, 502)
+        collector = _Chunks()
+        response.deliverBody(collector)
+        yield collector.done
+        self.assertIsInstance(self.proxy.errors[0], UpstreamUnavailable)

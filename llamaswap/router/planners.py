@@ -22,7 +22,7 @@ Planners hold no state besides their configuration and do no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AbstractSet, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import AbstractSet, Iterable, Optional, Protocol, Sequence
 
 from llamaswap.config.types import Group, Matrix, Routing
 
@@ -199,6 +199,3 @@ def planner_for(routing: Routing) -> Planner:
         return MatrixPlanner(routing.matrix)
     raise ValueError(f"unknown router {routing.router!r} (expected 'group' or 'matrix')")
 
-
-# Keep Mapping importable for type checkers of callers that annotate with it.
-_ = Mapping

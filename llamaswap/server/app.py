@@ -30,6 +30,7 @@ class LlamaSwapApp:
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-length", b"2")
         return b"OK"
 
     @app.route("/wol-health", methods=["GET", "HEAD"])

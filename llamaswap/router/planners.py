@@ -71,12 +71,13 @@ class Planner(Protocol):
         """The models to evict before ``target`` can be served."""
 
     def can_coexist(self, models: AbstractSet[str]) -> bool:
-        """True when every one of ``models`` can be served while all of them
-        run, without evicting any other of them."""
+        """True when all of ``models`` may run at the same time."""
 
 
 class _CoexistMixin:
     def can_coexist(self, models: AbstractSet[str]) -> bool:
+        """True when no one of ``models``, if requested while all of them
+        run, would evict another of them."""
         running = frozenset(models)
         return all(not (self.plan(m, running).evict & running)  # type: ignore[attr-defined]
                    for m in running)
@@ -150,6 +151,12 @@ class MatrixPlanner(_CoexistMixin):
 
     def __init__(self, matrix: Matrix) -> None:
         self.matrix = matrix
+
+    def can_coexist(self, models: AbstractSet[str]) -> bool:
+        """True when one alternative of some set holds all of ``models``."""
+        wanted = frozenset(models)
+        return any(wanted <= alternative
+                   for mset in self.matrix.sets for alternative in mset.alternatives)
 
     def choose(self, target: str, running: AbstractSet[str]
                ) -> Optional[tuple[str, frozenset[str], int]]:

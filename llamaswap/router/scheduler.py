@@ -1,0 +1,550 @@
+"""The swap scheduler: a pure state machine for the local router.
+
+The router calls the scheduler from reactor callbacks; every method returns at
+once.  The scheduler decides, and reports its decisions through an
+:class:`Effects` object; the router carries them out (stops and starts
+processes, proxies requests) and reports back with :meth:`Scheduler.swap_done`,
+:meth:`Scheduler.serve_done` and :meth:`Scheduler.model_stopped`.  Process
+states are read through a ``state(model)`` callable on every decision and
+never cached here.
+
+Every request ends in exactly one of: granted now, joined a swap under way,
+queued, started a swap, or failed.  Queued requests and swap waiters always
+end later in a grant or a failure (or the caller cancels them).
+
+Decision tree for a request for model M (llama-swap §4, plus starvation
+control):
+
+1. shut down -> 503; M unknown -> 404; M already has ``limit`` admitted and
+   unfinished requests (queued + waiting for a load + serving) -> 429 with
+   ``Retry-After``; otherwise the request is admitted.
+2. A swap for M is under way -> join its waiters.
+3. Plan the swap: ``planner.plan(M, running)`` where ``running`` is every
+   model whose state is not "stopped", plus the targets of swaps under way.
+4. M ready, nothing to evict, no collision -> grant now (fast path).
+5. Collides with a swap under way (our evict set holds its target, its evict
+   set holds M, or the evict sets overlap) -> queue.
+6. A model to evict has requests in flight -> queue (eviction never cuts a
+   running request short).
+7. Otherwise start a swap (disjoint swaps run in parallel).
+
+A request that must be queued while ``max_queue`` requests are queued fails
+with 503 and ``Retry-After`` instead.
+
+Queue order: per-model priority, higher first, FIFO among equals (a request is
+inserted before the first non-overdue entry of strictly lower priority).  The
+queue is drained in order after every ``swap_done``, after ``serve_done`` when a
+model's in-flight count drops to 0, after ``cancel``, ``unload`` and
+``model_stopped``, and when a request becomes overdue; entries still blocked
+keep their order.  Queue positions (1-based) are re-broadcast to every entry
+whose position changed.
+
+Collation falls out of steps 2 and 4: while A is loading or ready, new A
+requests join its swap or take the fast path even when B requests are queued,
+so A B A B A B costs two loads, not six.
+
+Starvation control (llama-swap has none).  A queued request becomes *overdue*
+``max_wait`` seconds (by the injected clock) after it arrived; a clock call at
+that deadline marks it and re-evaluates the queue.  Then:
+
+* Overdue entries move to the head of the queue, oldest first, ahead of every
+  non-overdue entry whatever its priority (a new request never goes ahead of
+  one).
+* An overdue entry G that is still blocked *guards* every request evaluated
+  after it: every new request, and every queue entry behind it.  While G is
+  guarded against, with ``P`` = the models G's own swap would evict now,
+  a guarded request is not granted (fast path or drain) and does not join a
+  swap for a model in ``P``; and it does not start a swap that would collide
+  with G's swap, as planned with the new target running (its target in G's
+  evict set, G's target in its evict set, overlapping evict sets, or the same
+  target).  It is queued instead.
+* So the models G needs gone take no new work: their in-flight requests run
+  to completion, the last ``serve_done`` drains the queue, and G, at the head,
+  starts its swap.  G waits at most ``max_wait`` plus the longest request in
+  flight on those models (plus one load, if a swap it collides with was
+  already under way when it became overdue).  The head overdue entry is never
+  guarded against, so overdue entries cannot block each other.
+
+Starvation control is off when no clock is given or ``max_wait`` is None.
+
+Contract with the router: ``start_swap`` is answered by exactly one
+``swap_done(target, error)``, also for a swap whose target was unloaded
+meanwhile; ``grant`` is answered by exactly one ``serve_done`` (or ``cancel``).
+Effects are delivered after the scheduler's state is settled, in order; an
+effect that calls back into the scheduler is safe (its own effects are queued
+behind the ones being delivered).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import (AbstractSet, Any, Callable, Hashable, Iterable, Mapping, Optional,
+                    Protocol)
+
+from llamaswap.config import defaults
+from llamaswap.router.planners import Plan, Planner
+
+__all__ = [
+    "Scheduler", "Effects", "Outcome", "QueueEntry", "SwapInfo",
+    "STOPPED", "STARTING", "READY", "STOPPING",
+    "MSG_NOT_FOUND", "MSG_TOO_MANY", "MSG_QUEUE_FULL", "MSG_UNLOADED", "MSG_SHUTDOWN",
+]
+
+STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
+
+MSG_NOT_FOUND = "no local server found for requested model"
+MSG_TOO_MANY = "Too many requests"
+MSG_QUEUE_FULL = "request queue is full"
+MSG_UNLOADED = "model unloaded"
+MSG_SHUTDOWN = "llamaswap is shutting down"
+RETRY_AFTER = {"Retry-After": "1"}
+
+# where a request is
+_QUEUED, _WAITING, _GRANTED = "queued", "waiting", "granted"
+
+
+class Effects(Protocol):
+    """What the scheduler asks the router to do.  ``evicting(model, reason)``
+    is an optional extra hook, called before ``start_swap`` for each model
+    the swap evicts."""
+
+    def start_swap(self, target: str, evict: frozenset[str], reason: str) -> None:
+        """Stop ``evict``, then ``ensure_ready(target)``; answer with ``swap_done``."""
+
+    def grant(self, req_id: Hashable, model: str) -> None:
+        """The request may now be proxied to ``model``; answer with ``serve_done``."""
+
+    def fail(self, req_id: Hashable, status: int, message: str,
+             headers: Optional[dict[str, str]]) -> None:
+        """The request ends with this HTTP error."""
+
+    def queue_position(self, req_id: Hashable, position: int) -> None:
+        """The queued request's 1-based position changed."""
+
+
+class DelayedCall(Protocol):
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The part of ``IReactorTime`` the scheduler uses."""
+
+    def seconds(self) -> float: ...
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any,
+                  **kw: Any) -> DelayedCall: ...
+
+
+class Outcome(str, Enum):
+    """What :meth:`Scheduler.request` did with a request."""
+
+    GRANTED = "granted"
+    JOINED = "joined"
+    QUEUED = "queued"
+    STARTED = "started"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    req_id: Hashable
+    model: str
+    priority: int
+    position: int
+    enqueued_at: float
+    overdue: bool
+    blocked_by: str
+
+
+@dataclass(frozen=True)
+class SwapInfo:
+    target: str
+    evict: frozenset[str]
+    reason: str
+    waiters: tuple[Hashable, ...]
+    cancelled: bool
+
+
+class _Swap:
+    __slots__ = ("target", "evict", "reason", "waiters", "cancelled")
+
+    def __init__(self, target: str, evict: frozenset[str], reason: str) -> None:
+        self.target = target
+        self.evict = evict
+        self.reason = reason
+        self.waiters: dict[Hashable, _Req] = {}
+        self.cancelled = False
+
+
+class _Req:
+    __slots__ = ("id", "model", "priority", "arrived", "deadline", "overdue", "where",
+                 "timer", "position", "blocked", "swap")
+
+    def __init__(self, req_id: Hashable, model: str, priority: int, arrived: float) -> None:
+        self.id = req_id
+        self.model = model
+        self.priority = priority
+        self.arrived = arrived
+        self.deadline: Optional[float] = None
+        self.overdue = False
+        self.where = ""
+        self.timer: Optional[DelayedCall] = None
+        self.position = 0
+        self.blocked = ""
+        self.swap: Optional[_Swap] = None
+
+
+def _collides(t1: str, e1: AbstractSet[str], t2: str, e2: AbstractSet[str]) -> bool:
+    return t2 in e1 or t1 in e2 or not e1.isdisjoint(e2)
+
+
+def _names(models: Iterable[str]) -> str:
+    return ", ".join(repr(m) for m in sorted(models))
+
+
+class Scheduler:
+    """Queue, collation, priorities, starvation bound and in-flight counts
+    for one local router.  See the module docstring for the rules."""
+
+    def __init__(self, planner: Planner, effects: Effects, state: Callable[[str], str],
+                 limits: Mapping[str, int], *,
+                 priorities: Optional[Mapping[str, int]] = None,
+                 max_wait: Optional[float] = defaults.MAX_WAIT,
+                 max_queue: int = defaults.MAX_QUEUE,
+                 clock: Optional[Clock] = None) -> None:
+        """``limits`` maps every local model to its concurrency limit (0 or
+        less: unlimited); ``priorities`` maps models to queue priorities
+        (default 0)."""
+        self._planner = planner
+        self._effects = effects
+        self._state = state
+        self._limits = dict(limits)
+        self._priorities = dict(priorities or {})
+        self._max_wait = max_wait
+        self._max_queue = max_queue
+        self._clock = clock
+        self._requests: dict[Hashable, _Req] = {}
+        self._queue: list[_Req] = []
+        self._swaps: dict[str, _Swap] = {}
+        self._in_flight: dict[str, int] = {m: 0 for m in self._limits}
+        self._admitted: dict[str, int] = {m: 0 for m in self._limits}
+        self._outbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._flushing = False
+        self._closed = False
+        self._plans: dict[tuple[str, frozenset[str]], Plan] = {}
+
+    # -- inputs -------------------------------------------------------------
+
+    def request(self, req_id: Hashable, model: str, now: Optional[float] = None) -> Outcome:
+        """A request for ``model`` arrived (at ``now``, default the clock's
+        time).  Returns what was done with it; effects follow."""
+        if req_id in self._requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        try:
+            if self._closed:
+                self._emit(self._effects.fail, req_id, 503, MSG_SHUTDOWN, None)
+                return Outcome.FAILED
+            limit = self._limits.get(model)
+            if limit is None:
+                self._emit(self._effects.fail, req_id, 404, MSG_NOT_FOUND, None)
+                return Outcome.FAILED
+            if 0 < limit <= self._admitted[model]:
+                self._emit(self._effects.fail, req_id, 429, MSG_TOO_MANY, dict(RETRY_AFTER))
+                return Outcome.FAILED
+            req = _Req(req_id, model, self._priorities.get(model, defaults.PRIORITY),
+                       self._now() if now is None else now)
+            self._requests[req_id] = req
+            self._admitted[model] += 1
+            outcome, why = self._dispatch(req, [r for r in self._queue if r.overdue])
+            if outcome is not None:
+                return outcome
+            if len(self._queue) >= self._max_queue:
+                self._fail(req, 503, MSG_QUEUE_FULL, dict(RETRY_AFTER))
+                return Outcome.FAILED
+            self._enqueue(req, why)
+            return Outcome.QUEUED
+        finally:
+            self._settle()
+
+    def cancel(self, req_id: Hashable) -> None:
+        """The caller went away.  Queued or waiting: forget it; granted: as
+        :meth:`serve_done`.  Unknown ids are ignored."""
+        req = self._requests.get(req_id)
+        if req is None:
+            return
+        if req.where == _GRANTED:
+            self.serve_done(req_id)
+            return
+        self._forget(req)
+        self._drain()
+        self._settle()
+
+    def swap_done(self, target: str, error: Optional[str] = None) -> None:
+        """The swap for ``target`` finished: grant its waiters, or fail them
+        with 500 when ``error`` is set; then drain the queue."""
+        swap = self._swaps.pop(target, None)
+        if swap is not None and not swap.cancelled:
+            for req in list(swap.waiters.values()):
+                if error is None:
+                    self._grant(req)
+                else:
+                    self._fail(req, 500, f"unspecific error: {error}")
+        self._drain()
+        self._settle()
+
+    def serve_done(self, req_id: Hashable) -> None:
+        """A granted request finished (or its client disconnected).  Ids not
+        granted are treated as :meth:`cancel`; unknown ids are ignored."""
+        req = self._requests.get(req_id)
+        if req is None:
+            return
+        if req.where != _GRANTED:
+            self.cancel(req_id)
+            return
+        del self._requests[req_id]
+        self._admitted[req.model] -= 1
+        self._in_flight[req.model] -= 1
+        if self._in_flight[req.model] == 0:
+            self._drain()
+        self._settle()
+
+    def model_stopped(self, model: str) -> None:
+        """A process stopped by itself (TTL, crash): re-evaluate the queue."""
+        self._drain()
+        self._settle()
+
+    def unload(self, models: Iterable[str]) -> frozenset[str]:
+        """Fail the waiters and queued requests of ``models`` with 500; return
+        the models the router must stop (requests in flight are not waited for)."""
+        targets = frozenset(m for m in models if m in self._limits)
+        for model in sorted(targets):
+            swap = self._swaps.get(model)
+            if swap is not None and not swap.cancelled:
+                swap.cancelled = True
+                for req in list(swap.waiters.values()):
+                    self._fail(req, 500, MSG_UNLOADED)
+        for req in list(self._queue):
+            if req.model in targets:
+                self._fail(req, 500, MSG_UNLOADED)
+        stop = frozenset(m for m in targets
+                         if m in self._swaps or self._state(m) != STOPPED)
+        self._drain()
+        self._settle()
+        return stop
+
+    def shutdown(self) -> None:
+        """Fail every waiter and queued request with 503, cancel every clock
+        call; later requests fail the same way."""
+        self._closed = True
+        for swap in list(self._swaps.values()):
+            for req in list(swap.waiters.values()):
+                self._fail(req, 503, MSG_SHUTDOWN)
+        self._swaps.clear()
+        for req in list(self._queue):
+            self._fail(req, 503, MSG_SHUTDOWN)
+        self._settle()
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._limits)
+
+    def in_flight(self, model: str) -> int:
+        """Requests granted for ``model`` and not yet done."""
+        return self._in_flight.get(model, 0)
+
+    def admitted(self, model: str) -> int:
+        """Requests for ``model`` admitted and not finished (the 429 count)."""
+        return self._admitted.get(model, 0)
+
+    def queue_snapshot(self) -> tuple[QueueEntry, ...]:
+        """The queue, in order."""
+        return tuple(QueueEntry(r.id, r.model, r.priority, i, r.arrived, r.overdue, r.blocked)
+                     for i, r in enumerate(self._queue, 1))
+
+    def active_swaps(self) -> dict[str, SwapInfo]:
+        """Swaps under way, by target."""
+        return {t: SwapInfo(t, s.evict, s.reason, tuple(s.waiters), s.cancelled)
+                for t, s in self._swaps.items()}
+
+    # -- decisions ----------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.seconds() if self._clock is not None else 0.0
+
+    def _running(self) -> frozenset[str]:
+        up = {m for m in self._limits if self._state(m) not in (STOPPED, "shutdown")}
+        up.update(self._swaps)
+        return frozenset(up)
+
+    def _plan(self, target: str, running: frozenset[str]) -> Plan:
+        key = (target, running)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            plan = self._plans[key] = self._planner.plan(target, running)
+        return plan
+
+    def _reserved_by(self, req: _Req, guards: list[_Req],
+                     running: frozenset[str]) -> Optional[_Req]:
+        for guard in guards:
+            if guard is not req and req.model in self._plan(guard.model, running).evict:
+                return guard
+        return None
+
+    def _dispatch(self, req: _Req, guards: list[_Req]) -> tuple[Optional[Outcome], str]:
+        """Join, grant or start a swap for ``req`` if the rules allow; else
+        ``(None, why it must wait)``."""
+        model = req.model
+        running = self._running()
+        swap = self._swaps.get(model)
+        if swap is not None:
+            if swap.cancelled:
+                return None, f"the load of {model!r} is being unloaded"
+            guard = self._reserved_by(req, guards, running)
+            if guard is not None:
+                return None, f"{model!r} is reserved for overdue request {guard.id!r}"
+            swap.waiters[req.id] = req
+            req.where, req.swap = _WAITING, swap
+            return Outcome.JOINED, ""
+        plan = self._plan(model, running)
+        evict = plan.evict - {model}
+        for other in self._swaps.values():
+            if _collides(model, evict, other.target, other.evict):
+                return None, f"collides with the load of {other.target!r}"
+        if not evict and self._state(model) == READY:
+            guard = self._reserved_by(req, guards, running)
+            if guard is not None:
+                return None, f"{model!r} is reserved for overdue request {guard.id!r}"
+            self._grant(req)
+            return Outcome.GRANTED, ""
+        busy = [m for m in evict if self._in_flight.get(m, 0) > 0]
+        if busy:
+            return None, f"waits for requests in flight on {_names(busy)}"
+        with_target = running | {model}
+        for guard in guards:
+            if guard is req:
+                continue
+            g_evict = self._plan(guard.model, with_target).evict - {guard.model}
+            if guard.model == model or _collides(model, evict, guard.model, g_evict):
+                return None, f"would delay overdue request {guard.id!r}"
+        swap = self._swaps[model] = _Swap(model, evict, plan.reason)
+        swap.waiters[req.id] = req
+        req.where, req.swap = _WAITING, swap
+        evicting = getattr(self._effects, "evicting", None)
+        if evicting is not None:
+            for m in sorted(evict):
+                self._emit(evicting, m, plan.why(m))
+        self._emit(self._effects.start_swap, model, evict, plan.reason)
+        return Outcome.STARTED, ""
+
+    def _drain(self) -> None:
+        if self._closed:
+            return
+        guards: list[_Req] = []
+        for req in list(self._queue):
+            if req.where != _QUEUED:
+                continue
+            outcome, why = self._dispatch(req, guards)
+            if outcome is None:
+                req.blocked = why
+                if req.overdue:
+                    guards.append(req)
+            else:
+                self._unqueue(req)
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _grant(self, req: _Req) -> None:
+        req.where, req.swap = _GRANTED, None
+        self._in_flight[req.model] += 1
+        self._emit(self._effects.grant, req.id, req.model)
+
+    def _fail(self, req: _Req, status: int, message: str,
+              headers: Optional[dict[str, str]] = None) -> None:
+        self._forget(req)
+        self._emit(self._effects.fail, req.id, status, message, headers)
+
+    def _forget(self, req: _Req) -> None:
+        """Remove a request that was not granted, releasing its admission."""
+        if req.where == _QUEUED:
+            self._unqueue(req)
+        elif req.where == _WAITING and req.swap is not None:
+            req.swap.waiters.pop(req.id, None)
+            req.swap = None
+        self._requests.pop(req.id, None)
+        self._admitted[req.model] -= 1
+
+    def _enqueue(self, req: _Req, why: str) -> None:
+        req.where, req.blocked = _QUEUED, why
+        if self._clock is not None and self._max_wait is not None:
+            req.deadline = req.arrived + self._max_wait
+            delay = req.deadline - self._clock.seconds()
+            if delay <= 0:
+                req.overdue = True
+            else:
+                req.timer = self._clock.callLater(delay, self._on_deadline, req.id)
+        self._insert(req)
+
+    def _insert(self, req: _Req) -> None:
+        queue = self._queue
+        i = 0
+        if req.overdue:
+            assert req.deadline is not None
+            while i < len(queue) and queue[i].overdue and queue[i].deadline <= req.deadline:
+                i += 1
+        else:
+            while i < len(queue) and (queue[i].overdue or queue[i].priority >= req.priority):
+                i += 1
+        queue.insert(i, req)
+
+    def _unqueue(self, req: _Req) -> None:
+        self._queue.remove(req)
+        if req.timer is not None:
+            if req.timer.active():
+                req.timer.cancel()
+            req.timer = None
+
+    def _on_deadline(self, req_id: Hashable) -> None:
+        req = self._requests.get(req_id)
+        if req is None or req.where != _QUEUED or req.overdue:
+            return
+        req.timer = None
+        self._queue.remove(req)
+        req.overdue = True
+        self._insert(req)
+        self._drain()
+        self._settle()
+
+    def _emit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._outbox.append((fn, args))
+
+    def _settle(self) -> None:
+        """Broadcast changed queue positions, then deliver queued effects."""
+        for position, req in enumerate(self._queue, 1):
+            if req.position != position:
+                req.position = position
+                self._emit(self._effects.queue_position, req.id, position)
+        if self._flushing:
+            return
+        self._flushing = True
+        first: Optional[Exception] = None
+        try:
+            while self._outbox:
+                fn, args = self._outbox.popleft()
+                try:
+                    fn(*args)
+                except Exception as e:  # deliver the rest, then re-raise
+                    if first is None:
+                        first = e
+        finally:
+            self._flushing = False
+        if first is not None:
+            raise first

@@ -16,31 +16,55 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
+from twisted.internet import defer
+
 from .config import Config, ConfigError, defaults, diff, load_config
+from .logmon import LogMonitor
+from .process import ChildRegistry
+from .runtime import Runtime
 from .server import LlamaSwapApp
+
+SHUTDOWN_GRACE = 30.0
 
 
 class LlamaSwapService(MultiService):
-    """Root service: owns the current config and reloads it on request."""
+    """Root service: owns the running config (a ``Runtime``) and reloads it."""
 
     log = Logger()
 
     def __init__(self, reactor, config: Config, config_path: Optional[str] = None,
-                 config_dir: Optional[str] = None):
+                 config_dir: Optional[str] = None, registry: Optional[ChildRegistry] = None):
         super().__init__()
         self.reactor = reactor
-        self.config = config
         self.config_path = config_path
         self.config_dir = config_dir
-        self.api = LlamaSwapApp(lambda: self.config)
+        self.upstream_log = LogMonitor()
+        self.registry = registry
+        self.runtime = Runtime(reactor, config, self.upstream_log, registry)
+        self.api = LlamaSwapApp(lambda: self.runtime, reactor)
         self._reloading = False
 
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
     def startService(self) -> None:
+        if self.registry is not None:
+            for record in self.registry.sweep():
+                self.log.warn("killed a stale upstream left by an earlier run: {model} (pid {pid})",
+                              model=record.model, pid=record.pid)
         for warning in self.config.warnings:
             self.log.warn("config: {warning}", warning=warning)
         self.log.info("llamaswap: {n} model(s) configured: {models}",
                       n=len(self.config.models), models=", ".join(sorted(self.config.models)) or "-")
         super().startService()
+        self.runtime.preload()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop listening first, then stop every model (TERM, KILL after the grace)."""
+        yield defer.maybeDeferred(super().stopService)
+        yield self.runtime.shutdown(SHUTDOWN_GRACE)
 
     def reload(self) -> bool:
         """Load the config again; on error keep the old one.  True if applied."""
@@ -54,7 +78,12 @@ class LlamaSwapService(MultiService):
                 self.log.warn("config reload failed, keeping the running config:\n{error}", error=str(e))
                 return False
             change = diff(self.config, new)
-            self.config = new
+            old = self.runtime
+            self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry)
+            old.shutdown(SHUTDOWN_GRACE).addErrback(
+                lambda f: self.log.failure("stopping the old config's models failed", f))
+            if self.running:
+                self.runtime.preload()
             self.log.info(
                 "config reloaded: added={added} removed={removed} changed={changed}",
                 added=sorted(change.added), removed=sorted(change.removed), changed=sorted(change.changed),
@@ -144,7 +173,7 @@ def build_service(
     config_dir: Optional[str] = None,
     watch: bool = False,
 ) -> LlamaSwapService:
-    root = LlamaSwapService(reactor, config, config_path, config_dir)
+    root = LlamaSwapService(reactor, config, config_path, config_dir, registry=ChildRegistry())
     SighupReload(root).setServiceParent(root)
     if watch:
         ConfigWatcher(root).setServiceParent(root)

@@ -151,10 +151,13 @@ def forward(
     headers: Headers,
     on_chunk: Optional[Callable[[bytes], None]] = None,
     on_headers: Optional[Callable[[object], None]] = None,
+    write_head: bool = True,
 ) -> defer.Deferred:
     """Proxy ``request`` to ``url``; fires with the number of body bytes relayed.
 
     Cancelling the Deferred aborts the upstream request at whatever stage it is.
+    With ``write_head=False`` the status and headers were already sent (the
+    loading-state stream) and only the body is relayed.
     """
     relay_holder: dict = {}
 
@@ -175,8 +178,9 @@ def forward(
     def got_response(response) -> None:
         if done.called:
             return
-        request.setResponseCode(response.code, response.phrase)
-        copy_response_headers(response, request)
+        if write_head:
+            request.setResponseCode(response.code, response.phrase)
+            copy_response_headers(response, request)
         if on_headers is not None:
             on_headers(response)
         relay = _Relay(request, done, on_chunk)

@@ -1,38 +1,440 @@
 """The Klein application: llama-swap's HTTP API.
 
 State lives on the instance (Klein as a class attribute), never in a module
-global, so tests can build as many apps as they like.
+global.  ``FrontResource`` wraps the Klein resource with what runs before
+routing: CORS preflight, API-key auth and request timing for the access log.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import re
+import time
+from typing import Callable, Optional
+from urllib.parse import unquote
 
 from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 
-from ..config import Config
+from ..config import Config, thaw
+from ..process import ProcessState
+from ..proxy.filters import (
+    apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
+)
+from ..proxy.loading import LoadingStream
+from ..proxy.stream import UpstreamUnavailable, forward, upstream_headers
+from ..router.local import RoutingError
+from .auth import extract_api_key, key_allowed
+from .errors import render_error
+
+# (path, methods, upstream path) of every model-dispatched route
+JSON_POST = (
+    "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/messages",
+    "/v1/messages/count_tokens", "/v1/embeddings", "/reranking", "/rerank", "/v1/rerank",
+    "/v1/reranking", "/infill", "/completion", "/v1/audio/speech", "/v1/images/generations",
+    "/sdapi/v1/txt2img", "/sdapi/v1/img2img",
+)
+FORM_POST = ("/v1/audio/transcriptions", "/v1/images/edits")
+GET_ROUTES = ("/sdapi/v1/loras", "/props")
+VERSIONLESS = ("chat/completions", "responses", "completions", "messages", "messages/count_tokens",
+               "embeddings", "rerank", "reranking")
+MODEL_ROUTES = frozenset(JSON_POST + FORM_POST + GET_ROUTES + ("/v1/audio/voices", "/audioapi/v1/tasks/run")
+                         + tuple("/v/" + p for p in VERSIONLESS))
+UNAUTHENTICATED = (b"/health", b"/wol-health", b"/", b"/favicon.ico", b"/upstream")
+CORS_DEFAULT_HEADERS = "Content-Type, Authorization, Accept, X-Requested-With"
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def header(request: IRequest, name: bytes) -> str:
+    """A request header as text ("" when absent)."""
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value else ""
+
+
+def send_error(request: IRequest, status: int, message: str, code: Optional[str] = None,
+               headers: Optional[dict] = None) -> bytes:
+    ctype, body = render_error(status, message, header(request, b"accept"), code)
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", ctype)
+    request.setHeader(b"content-length", str(len(body)).encode())
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode(), value.encode())
+    return body
+
+
+def send_json(request: IRequest, obj, status: int = 200) -> bytes:
+    body = json.dumps(obj).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return body
+
+
+def send_text(request: IRequest, text: str, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", str(len(text.encode())).encode())
+    return text.encode()
+
+
+def client_ip(request: IRequest) -> str:
+    forwarded = header(request, b"x-forwarded-for")
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    real = header(request, b"x-real-ip")
+    if real:
+        return real.strip()
+    return getattr(request.getClientAddress(), "host", "") or "-"
+
+
+class FrontResource(Resource):
+    """CORS preflight and API keys, before the Klein routes."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, config: Callable[[], Config], clock):
+        super().__init__()
+        self.inner = inner
+        self.config = config
+        self.clock = clock
+
+    def render(self, request: IRequest):
+        request.llamaswap_started = self.clock.seconds()
+        if request.method == b"OPTIONS":
+            asked = header(request, b"access-control-request-headers")
+            tokens = [t.strip() for t in asked.split(",") if _TOKEN.match(t.strip())]
+            request.setResponseCode(204)
+            request.setHeader(b"access-control-allow-origin", b"*")
+            request.setHeader(b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS")
+            request.setHeader(b"access-control-allow-headers", (", ".join(tokens) or CORS_DEFAULT_HEADERS).encode())
+            request.setHeader(b"access-control-max-age", b"86400")
+            return b""
+        keys = self.config().api_keys
+        if keys and request.path not in UNAUTHENTICATED:
+            key = extract_api_key(header(request, b"authorization"), header(request, b"x-api-key"))
+            if not key_allowed(key, keys):
+                return send_error(request, 401, "unauthorized: invalid or missing API key",
+                                  headers={"WWW-Authenticate": 'Basic realm="llama-swap"'})
+        return self.inner.render(request)
 
 
 class LlamaSwapApp:
     app = Klein()
+    log = Logger()
 
-    def __init__(self, config: Callable[[], Config]):
-        self._config = config
+    def __init__(self, runtime: Callable[[], object], clock=None):
+        self._runtime = runtime
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+
+    @property
+    def runtime(self):
+        return self._runtime()
 
     @property
     def config(self) -> Config:
-        return self._config()
+        return self.runtime.config
 
-    def resource(self):
-        return self.app.resource()
+    def resource(self) -> Resource:
+        return FrontResource(self.app.resource(), lambda: self.config, self.clock)
+
+    # -- simple routes ----------------------------------------------------------------
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"content-length", b"2")
-        return b"OK"
+        return send_text(request, "OK")
 
     @app.route("/wol-health", methods=["GET", "HEAD"])
     def wol_health(self, request: IRequest) -> bytes:
-        return self.health(request)
+        return send_text(request, "OK")
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        request.redirect(b"/ui")
+        return b""
+
+    @app.route("/v1/models", methods=["GET"])
+    @app.route("/models", methods=["GET"])
+    def list_models(self, request: IRequest) -> bytes:
+        origin = request.getHeader(b"origin")
+        if origin:
+            request.setHeader(b"access-control-allow-origin", origin)
+        return send_json(request, {"object": "list", "data": self.model_records()})
+
+    def model_records(self) -> list:
+        config = self.config
+        created = int(time.time())
+        records = []
+        processes = self.runtime.processes
+        for model_id, model in config.models.items():
+            if model.unlisted:
+                continue
+            state = processes[model_id].state
+            loaded = state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING)
+            base = {"object": "model", "created": created, "owned_by": "llama-swap"}
+            if model.name:
+                base["name"] = model.name
+            if model.description:
+                base["description"] = model.description
+            meta = thaw(model.metadata)
+            caps = model.capabilities
+            if not caps.empty:
+                for key in ("architecture", "capabilities", "supported_parameters", "context_length"):
+                    meta.pop(key, None)
+                base.update(_render_capabilities(caps))
+            status = {"value": "loaded" if loaded else "unloaded"}
+            info = dict(meta, type="model")
+            if model.aliases:
+                info["aliases"] = list(model.aliases)
+            record = dict(base, id=model_id, status=status)
+            record["meta"] = {"llamaswap": info}
+            if caps.context:
+                record["meta"]["n_ctx"] = caps.context
+            records.append(record)
+            if config.include_aliases_in_list:
+                for alias in model.aliases:
+                    alias_record = dict(base, id=alias, status=status,
+                                        meta={"llamaswap": dict(meta, type="alias", modelID=model_id)})
+                    records.append(alias_record)
+        for peer in config.peers.values():
+            for name in peer.models:
+                records.append({"id": f"{peer.id}/{name}", "object": "model", "created": created,
+                                "owned_by": "llama-swap", "name": f"{peer.id}: {name}",
+                                "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
+                                "status": {"value": "unloaded"}})
+        records.sort(key=lambda r: r["id"])
+        return records
+
+    @app.route("/running", methods=["GET"])
+    def running(self, request: IRequest) -> bytes:
+        out = []
+        for model_id, process in sorted(self.runtime.processes.items()):
+            if process.state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING):
+                m = process.model
+                out.append({"model": model_id, "state": str(process.state), "cmd": m.cmd.strip(),
+                            "proxy": m.proxy, "ttl": m.ttl, "name": m.name, "description": m.description})
+        return send_json(request, {"running": out})
+
+    @app.route("/unload", methods=["GET"])
+    async def unload_all_text(self, request: IRequest) -> bytes:
+        await self.runtime.router.unload()
+        return send_text(request, "OK")
+
+    @app.route("/api/models/unload", methods=["POST"])
+    async def unload_all(self, request: IRequest) -> bytes:
+        await self.runtime.router.unload()
+        return send_json(request, {"msg": "ok"})
+
+    @app.route("/api/models/unload/<path:name>", methods=["POST"])
+    async def unload_one(self, request: IRequest, name: str) -> bytes:
+        model_id = self.config.real_model_name(name)
+        if model_id is None:
+            if self.config.peer_model(name):
+                return send_error(request, 404, "no local server found for requested model")
+            return send_error(request, 404, "model not found")
+        await self.runtime.router.unload([model_id])
+        return send_text(request, "OK")
+
+    # -- model-dispatched routes ----------------------------------------------------------
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    @app.route("/v1/responses", methods=["POST"])
+    @app.route("/v1/completions", methods=["POST"])
+    @app.route("/v1/messages", methods=["POST"])
+    @app.route("/v1/messages/count_tokens", methods=["POST"])
+    @app.route("/v1/embeddings", methods=["POST"])
+    @app.route("/reranking", methods=["POST"])
+    @app.route("/rerank", methods=["POST"])
+    @app.route("/v1/rerank", methods=["POST"])
+    @app.route("/v1/reranking", methods=["POST"])
+    @app.route("/infill", methods=["POST"])
+    @app.route("/completion", methods=["POST"])
+    @app.route("/v1/audio/speech", methods=["POST"])
+    @app.route("/v1/audio/voices", methods=["GET", "POST"])
+    @app.route("/v1/images/generations", methods=["POST"])
+    @app.route("/v1/images/edits", methods=["POST"])
+    @app.route("/v1/audio/transcriptions", methods=["POST"])
+    @app.route("/sdapi/v1/txt2img", methods=["POST"])
+    @app.route("/sdapi/v1/img2img", methods=["POST"])
+    @app.route("/sdapi/v1/loras", methods=["GET"])
+    @app.route("/props", methods=["GET"])
+    def model_route(self, request: IRequest):
+        return defer.ensureDeferred(self.dispatch(request, request.path.decode("latin-1")))
+
+    @app.route("/audioapi/v1/tasks/run", methods=["POST"])
+    def audioapi(self, request: IRequest):
+        return defer.ensureDeferred(self.dispatch(request, "/v1/tasks/run"))
+
+    @app.route("/v/<path:rest>", methods=["POST"])
+    def versionless(self, request: IRequest, rest: str):
+        if rest not in VERSIONLESS:
+            return send_text(request, "404 page not found", 404)
+        return defer.ensureDeferred(self.dispatch(request, "/" + rest))
+
+    def _read_body(self, request: IRequest) -> Optional[bytes]:
+        limit = self.config.max_request_body_bytes
+        declared = request.getHeader(b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return None
+        content = request.content
+        content.seek(0, 2)
+        if content.tell() > limit:
+            return None
+        content.seek(0)
+        return content.read()
+
+    async def dispatch(self, request: IRequest, upstream_path: str, model_name: Optional[str] = None):
+        body = self._read_body(request)
+        if body is None:
+            return send_error(request, 413, "request body too large")
+        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+        ctype = header(request, b"content-type")
+        parsed = None
+        if model_name is None:
+            model_name, parsed = requested_model(request.method, ctype, body, query)
+            if not model_name:
+                return send_error(request, 404, "no model id could be identified")
+        elif "application/json" in ctype.lower():
+            try:
+                parsed = json.loads(body) if body.strip() else None
+            except ValueError:
+                parsed = None
+            parsed = parsed if isinstance(parsed, dict) else None
+        model_id = self.config.real_model_name(model_name)
+        if model_id is None:
+            return send_error(request, 404, "no router for requested model")
+        runtime = self.runtime
+        model = runtime.config.models[model_id]
+        process = runtime.processes[model_id]
+
+        streaming = bool(parsed and parsed.get("stream") is True) or b"stream=true" in query
+        loading = None
+        if (model.send_loading_state and streaming and upstream_path.startswith("/v1/chat/completions")
+                and process.state is not ProcessState.READY):
+            position_seen = []
+
+            def on_position(n: int) -> None:
+                position_seen.append(n)
+                if loading is not None:
+                    loading.position(n)
+
+            wait = runtime.router.request(model_id, on_position)
+            if not wait.called:
+                loading = LoadingStream(request, self.clock, model_id)
+                for n in position_seen:
+                    loading.position(n)
+        else:
+            wait = runtime.router.request(model_id)
+        try:
+            grant = await wait
+        except RoutingError as e:
+            if loading is not None:
+                loading.failed(render_error(e.status, e.message, None, e.code)[1])
+                return b""
+            return send_error(request, e.status, e.message, e.code, e.headers)
+        except defer.CancelledError:
+            if loading is not None:
+                loading.stop()
+            raise
+        try:
+            if loading is not None:
+                loading.done()
+            body = self._filter_body(body, parsed, ctype, model_name, model)
+            url = model.proxy.rstrip("/") + upstream_path + ("?" + query.decode("latin-1") if query else "")
+            headers = upstream_headers(request.requestHeaders, client_ip(request),
+                                       "https" if request.isSecure() else "http", request.getHeader(b"host"))
+            try:
+                await forward(runtime.agent, request, url.encode(), body, headers, write_head=loading is None)
+            except UpstreamUnavailable as e:
+                if loading is not None or request.startedWriting:
+                    return b""
+                return send_error(request, 502, f"upstream not reachable: {e}")
+            except defer.CancelledError:
+                raise
+            except Exception as e:  # the upstream died mid-response (crash)
+                self.log.warn("{model}: upstream response failed: {error}", model=model_id, error=str(e))
+                if request.startedWriting:
+                    request.transport.abortConnection() if request.transport else None
+                    return b""
+                return send_error(request, 502, f"upstream response failed: {e}")
+            return b""
+        finally:
+            grant.release()
+
+    def _filter_body(self, body: bytes, parsed, ctype: str, requested: str, model) -> bytes:
+        if not filters_active(requested, model.filters, model.use_model_name):
+            return body
+        if parsed is not None:
+            return json.dumps(apply_json_filters(parsed, requested, model.filters, model.use_model_name)).encode()
+        if "multipart/form-data" in ctype.lower() and model.use_model_name:
+            return rewrite_multipart_model(body, ctype, model.use_model_name)
+        return body
+
+    # -- /upstream passthrough ------------------------------------------------------------
+
+    @app.route("/upstream", methods=["GET"])
+    def upstream_index(self, request: IRequest) -> bytes:
+        request.redirect(b"/ui/models")
+        return b""
+
+    @app.route("/upstream/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
+    def upstream(self, request: IRequest, rest: str):
+        raw = request.uri.split(b"?", 1)[0][len(b"/upstream/"):].decode("latin-1")
+        query = request.uri.split(b"?", 1)[1].decode("latin-1") if b"?" in request.uri else ""
+        segments = raw.split("/")
+        found = None
+        for i in range(len(segments), 0, -1):
+            candidate = "/".join(segments[:i])
+            model_id = self.config.real_model_name(unquote(candidate))
+            if model_id is not None:
+                found = (model_id, candidate, "/".join(segments[i:]), i < len(segments))
+                break
+        if found is None:
+            return send_error(request, 404, "model not found")
+        model_id, prefix, remainder, has_slash = found
+        if not has_slash:
+            target = f"/upstream/{prefix}/" + (f"?{query}" if query else "")
+            request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+            request.setHeader(b"location", target.encode())
+            return b""
+        path = "/" + remainder
+        process = self.runtime.processes[model_id]
+        if process.state is not ProcessState.READY and any(
+                re.search(p, path) for p in self.config.ignore_paths):
+            return send_error(request, 409, f"model {model_id} is not loaded; path matches upstream.ignorePaths")
+        return defer.ensureDeferred(self.dispatch(request, path, model_name=model_id))
+
+
+def _render_capabilities(caps) -> dict:
+    out: dict = {}
+    if caps.inputs or caps.outputs:
+        arch = {"input_modalities": list(caps.inputs), "output_modalities": list(caps.outputs)}
+        if caps.inputs and caps.outputs:
+            arch["modality"] = "+".join(caps.inputs) + "->" + "+".join(caps.outputs)
+        out["architecture"] = arch
+    flags = {}
+    if "image" in caps.inputs:
+        flags["vision"] = True
+    if "audio" in caps.inputs and "text" in caps.outputs:
+        flags["audio_transcriptions"] = True
+    if "text" in caps.inputs and "audio" in caps.outputs:
+        flags["audio_speech"] = True
+    if "text" in caps.inputs and "image" in caps.outputs:
+        flags["image_generation"] = True
+    if "image" in caps.inputs and "image" in caps.outputs:
+        flags["image_to_image"] = True
+    if caps.tools:
+        flags["function_calling"] = True
+        out["supported_parameters"] = ["tools", "tool_choice"]
+    if caps.reranker:
+        flags["reranker"] = True
+    if flags:
+        out["capabilities"] = flags
+    if caps.context:
+        out["context_length"] = caps.context
+    return out
+

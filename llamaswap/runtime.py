@@ -1,0 +1,76 @@
+"""Everything one loaded config runs: processes, the local router, the proxy agent.
+
+A reload builds a new ``Runtime`` and shuts the old one down (llama-swap
+semantics: every model of the old config is stopped).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .config import Config
+from .logmon import LogMonitor
+from .process import Process, ProcessState
+from .proxy.stream import make_agent
+from .router.local import LocalRouter, RoutingError
+
+StateListener = Callable[[str, str, str], None]
+
+
+class Runtime:
+    log = Logger()
+
+    def __init__(self, reactor, config: Config, upstream_log: Optional[LogMonitor] = None,
+                 registry=None, on_state: Optional[StateListener] = None):
+        self.reactor = reactor
+        self.config = config
+        self.upstream_log = upstream_log if upstream_log is not None else LogMonitor()
+        self.on_state = on_state
+        self.processes: dict[str, Process] = {}
+        for model_id, model in config.models.items():
+            self.processes[model_id] = Process(
+                reactor, model, upstream_log=self.upstream_log, on_state=self._state_changed,
+                registry=registry,
+            )
+        self.router = LocalRouter(reactor, config, self.processes)
+        self.agent, self.pool = make_agent(reactor)
+        self.starts: dict[str, int] = {m: 0 for m in self.processes}
+        self.closed = False
+
+    def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
+        if new is ProcessState.STARTING:
+            self.starts[process.model.id] = self.starts.get(process.model.id, 0) + 1
+        self.router.process_state_changed(process, old, new)
+        if self.on_state is not None:
+            self.on_state(process.model.id, str(old), str(new))
+
+    def preload(self) -> defer.Deferred:
+        """Load ``hooks.on_startup.preload`` models in order (through the scheduler)."""
+
+        async def run() -> None:
+            for model_id in self.config.preload:
+                if self.closed:
+                    return
+                try:
+                    grant = await self.router.request(model_id)
+                except RoutingError as e:
+                    self.log.warn("preload of {model} failed: {error}", model=model_id, error=e.message)
+                    continue
+                grant.release()
+                self.log.info("preloaded {model}", model=model_id)
+
+        return defer.ensureDeferred(run())
+
+    def shutdown(self, grace: float = 30.0) -> defer.Deferred:
+        self.closed = True
+        d = self.router.shutdown(grace)
+
+        def close(_):
+            closes = [p.close() for p in self.processes.values()]
+            closes.append(self.pool.closeCachedConnections())
+            return defer.gatherResults(closes, consumeErrors=True)
+
+        return d.addBoth(close).addCallback(lambda _: None)

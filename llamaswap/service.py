@@ -172,8 +172,10 @@ def build_service(
     config_path: Optional[str] = None,
     config_dir: Optional[str] = None,
     watch: bool = False,
+    registry: Optional[ChildRegistry] = None,
 ) -> LlamaSwapService:
-    root = LlamaSwapService(reactor, config, config_path, config_dir, registry=ChildRegistry())
+    root = LlamaSwapService(reactor, config, config_path, config_dir,
+                            registry=registry if registry is not None else ChildRegistry())
     SighupReload(root).setServiceParent(root)
     if watch:
         ConfigWatcher(root).setServiceParent(root)

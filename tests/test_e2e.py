@@ -1,0 +1,400 @@
+"""End to end: the real service on a loopback port, fake upstreams as real children."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+import textwrap
+
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from llamaswap.config import load_config_text
+from llamaswap.process import ChildRegistry
+from llamaswap.service import build_service
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def responder(extra: str = "") -> str:
+    return f"{PY} -m llamaswap.testing.responder --port ${{PORT}} --id ${{MODEL_ID}} --silent {extra}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Harness(TestCase):
+    timeout = 40
+
+    def start(self, yaml_text: str):
+        port = free_port()
+        config = load_config_text(textwrap.dedent(yaml_text), environ=dict(os.environ))
+        state = self.mktemp()
+        self.service = build_service(reactor, config, [f"tcp:{port}:interface=127.0.0.1"],
+                                     registry=ChildRegistry(state))
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.base = f"http://127.0.0.1:{port}"
+        self.starts = []
+        self.service.runtime.on_state = lambda m, old, new: self.starts.append(m) if new == "starting" else None
+        return self.service
+
+    @property
+    def runtime(self):
+        return self.service.runtime
+
+    def request(self, method, path, **kw):
+        kw.setdefault("pool", self.pool)
+        return treq.request(method, self.base + path, **kw)
+
+    @defer.inlineCallbacks
+    def post(self, path, obj, **kw):
+        headers = kw.pop("headers", {})
+        headers.setdefault("Content-Type", "application/json")
+        response = yield self.request("POST", path, data=json.dumps(obj).encode(), headers=headers, **kw)
+        body = yield response.content()
+        return response, body
+
+    @defer.inlineCallbacks
+    def get(self, path, **kw):
+        response = yield self.request("GET", path, **kw)
+        body = yield response.content()
+        return response, body
+
+    @defer.inlineCallbacks
+    def chat(self, model, **extra):
+        response, body = yield self.post("/v1/chat/completions", dict({"model": model, "messages": []}, **extra))
+        return response, body
+
+    @defer.inlineCallbacks
+    def running(self):
+        _, body = yield self.get("/running")
+        return {r["model"]: r["state"] for r in json.loads(body)["running"]}
+
+    @defer.inlineCallbacks
+    def wait_for(self, predicate, timeout=10.0):
+        for _ in range(int(timeout / 0.05)):
+            value = predicate()
+            if isinstance(value, defer.Deferred):
+                value = yield value
+            if value:
+                return value
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail("condition not reached")
+
+
+AB = f"""
+    healthCheckTimeout: 15
+    models:
+      A: {{cmd: "{responder('--respond A')}", aliases: [a1]}}
+      B: {{cmd: "{responder('--respond B')}"}}
+"""
+
+
+class SwapTests(Harness):
+    @defer.inlineCallbacks
+    def test_swap_on_demand(self):
+        self.start(AB)
+        response, body = yield self.chat("A")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["responseMessage"], "A")
+        pid_a = self.runtime.processes["A"].pid
+        response, body = yield self.chat("B")
+        self.assertEqual(json.loads(body)["responseMessage"], "B")
+        self.assertEqual((yield self.running()), {"B": "ready"})
+        self.assertFalse(pid_alive(pid_a))
+
+    @defer.inlineCallbacks
+    def test_routing_errors(self):
+        self.start(AB)
+        response, body = yield self.chat("nope")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body), {"src": "llama-swap", "error": {
+            "message": "no router for requested model", "type": "invalid_request_error",
+            "param": None, "code": "not_found"}})
+        response, body = yield self.post("/v1/chat/completions", {"messages": []})
+        self.assertEqual((response.code, json.loads(body)["error"]["message"]),
+                         (404, "no model id could be identified"))
+        response, body = yield self.post("/v1/chat/completions", {"x": 1}, headers={"Accept": "text/plain"})
+        self.assertEqual(body, b"llama-swap: no model id could be identified")
+        response, _ = yield self.get("/v1/chat/completions")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(self.starts, [])
+
+    @defer.inlineCallbacks
+    def test_aliases_and_filters(self):
+        self.start(f"""
+            models:
+              A:
+                cmd: "{responder()}"
+                aliases: [a1]
+                useModelName: up
+                filters:
+                  stripParams: temperature
+                  setParams: {{top_k: 5}}
+                  setParamsByID: {{"A:hi": {{x: 1}}}}
+        """)
+        response, body = yield self.post("/v1/chat/completions", {"model": "a1", "temperature": 1})
+        sent = json.loads(json.loads(body)["request_body"])
+        self.assertEqual(sent, {"model": "up", "top_k": 5})
+        self.assertEqual(json.loads(body)["h_content_length"], len(json.loads(body)["request_body"]))
+        response, body = yield self.post("/v1/chat/completions", {"model": "A:hi"})
+        self.assertEqual(json.loads(json.loads(body)["request_body"]), {"model": "up", "top_k": 5, "x": 1})
+        echo = json.loads(body)["echo"]
+        self.assertEqual(echo["headers"]["x-forwarded-for"], "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_models_list(self):
+        self.start(f"""
+            includeAliasesInList: true
+            models:
+              B: {{cmd: "{responder()}", name: Bee, metadata: {{port: "${{PORT}}"}},
+                  capabilities: {{in: [text, image], out: [text], tools: true, context: 4096}}}}
+              A: {{cmd: "{responder()}", aliases: [a1]}}
+              H: {{cmd: "{responder()}", unlisted: true}}
+            peers:
+              p: {{proxy: "http://127.0.0.1:9", models: [m]}}
+        """)
+        _, body = yield self.get("/v1/models")
+        data = json.loads(body)
+        self.assertEqual(data["object"], "list")
+        ids = [r["id"] for r in data["data"]]
+        self.assertEqual(ids, ["A", "B", "a1", "p/m"])
+        a, b, alias, peer = data["data"]
+        self.assertEqual((a["owned_by"], a["status"]["value"]), ("llama-swap", "unloaded"))
+        self.assertEqual(a["meta"]["llamaswap"], {"type": "model", "aliases": ["a1"]})
+        self.assertEqual(alias["meta"]["llamaswap"], {"type": "alias", "modelID": "A"})
+        self.assertEqual(b["name"], "Bee")
+        self.assertEqual(b["capabilities"], {"vision": True, "function_calling": True})
+        self.assertEqual(b["architecture"]["modality"], "text+image->text")
+        self.assertEqual((b["context_length"], b["meta"]["n_ctx"]), (4096, 4096))
+        self.assertIsInstance(b["meta"]["llamaswap"]["port"], int)
+        self.assertEqual(peer["meta"]["llamaswap"], {"type": "peer", "peerID": "p"})
+        yield self.chat("A")
+        _, body = yield self.get("/models")
+        self.assertEqual(json.loads(body)["data"][0]["status"]["value"], "loaded")
+
+
+class AuthCorsTests(Harness):
+    @defer.inlineCallbacks
+    def test_api_keys(self):
+        self.start(AB + "    apiKeys: [k]\n")
+        response, body = yield self.chat("A")
+        self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ['Basic realm="llama-swap"'])
+        self.assertEqual(json.loads(body)["error"]["type"], "authentication_error")
+        basic = "Basic " + base64.b64encode(b"anyone:k").decode()
+        for headers in ({"Authorization": "Bearer k"}, {"x-api-key": "k"}, {"Authorization": basic}):
+            response, _ = yield self.post("/v1/chat/completions", {"model": "A"}, headers=headers)
+            self.assertEqual(response.code, 200, headers)
+        response, _ = yield self.get("/health")
+        self.assertEqual(response.code, 200)
+        response = yield self.request("OPTIONS", "/v1/chat/completions",
+                                      headers={"Access-Control-Request-Headers": "X-Custom, Bad Header"})
+        self.assertEqual(response.code, 204)
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"), ["*"])
+        self.assertEqual(response.headers.getRawHeaders("access-control-max-age"), ["86400"])
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-headers"), ["X-Custom"])
+        yield response.content()
+
+
+class SchedulingTests(Harness):
+    @defer.inlineCallbacks
+    def test_concurrency_limit(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder()}", concurrencyLimit: 1}}
+        """)
+        first = self.post("/v1/chat/completions?wait=1s", {"model": "A"})
+        yield self.wait_for(lambda: self.runtime.router.scheduler.admitted("A") == 1)
+        response, body = yield self.post("/v1/chat/completions?wait=1s", {"model": "A"})
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        self.assertEqual(json.loads(body)["error"]["code"], "concurrency_limit")
+        self.assertEqual(json.loads(body)["error"]["type"], "rate_limit_error")
+        response, _ = yield first
+        self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_eviction_waits_for_streaming_request(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder('--tokens 20 --token-delay 0.05')}"}}
+              B: {{cmd: "{responder()}"}}
+        """)
+        yield self.chat("A")
+        streaming = self.post("/v1/chat/completions", {"model": "A", "stream": True})
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        b = self.chat("B")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(b.called)
+        response, body = yield streaming
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"data: [DONE]", body)
+        response, body = yield b
+        self.assertEqual(response.code, 200)
+        self.assertEqual((yield self.running()), {"B": "ready"})
+
+    @defer.inlineCallbacks
+    def test_collation(self):
+        self.start(AB)
+        results = yield defer.gatherResults([self.chat(m) for m in "ABAB"])
+        self.assertEqual([json.loads(body)["responseMessage"] for _, body in results], list("ABAB"))
+        self.assertEqual(len(self.starts), 2)
+
+    @defer.inlineCallbacks
+    def test_three_models_interleaved(self):
+        self.start(AB + f"      C: {{cmd: \"{responder('--respond C')}\"}}\n")
+        requests = [self.post("/v1/chat/completions?wait=0.05", {"model": m}) for m in "ABC" * 10]
+        results = yield defer.gatherResults(requests)
+        self.assertTrue(all(r.code == 200 for r, _ in results))
+        self.assertEqual(len(self.starts), 3)
+
+    @defer.inlineCallbacks
+    def test_client_disconnect_frees_model(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder('--tokens 200 --token-delay 0.02')}"}}
+              B: {{cmd: "{responder()}"}}
+        """)
+        yield self.chat("A")
+        d = self.post("/v1/chat/completions", {"model": "A", "stream": True})
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 0)
+        response, body = yield self.chat("B")
+        self.assertEqual(json.loads(body)["responseMessage"], "B")
+
+    @defer.inlineCallbacks
+    def test_burst_of_fifty(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder()}", concurrencyLimit: 60}}
+        """)
+        results = yield defer.gatherResults([self.chat("A") for _ in range(50)])
+        self.assertEqual([r.code for r, _ in results], [200] * 50)
+        self.assertEqual(len(self.starts), 1)
+
+
+class LifecycleTests(Harness):
+    @defer.inlineCallbacks
+    def test_ttl(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder()}", ttl: 1}}
+        """)
+        yield self.chat("A")
+        self.assertEqual((yield self.running()), {"A": "ready"})
+        yield self.wait_for(lambda: self.running().addCallback(lambda r: r == {}), timeout=5)
+
+    @defer.inlineCallbacks
+    def test_start_failure(self):
+        self.start(f"""
+            healthCheckTimeout: 15
+            models:
+              bad: {{cmd: "{PY} -c 'import sys; sys.exit(1)'", proxy: "http://127.0.0.1:1"}}
+        """)
+        response, body = yield self.chat("bad")
+        self.assertEqual(response.code, 500)
+        self.assertIn("unspecific error: upstream command exited prematurely", json.loads(body)["error"]["message"])
+        self.assertEqual(str(self.runtime.processes["bad"].state), "stopped")
+
+    @defer.inlineCallbacks
+    def test_crash_then_restart(self):
+        self.start(AB)
+        yield self.chat("A")
+        os.killpg(self.runtime.processes["A"].pid, signal.SIGKILL)
+        yield self.wait_for(lambda: str(self.runtime.processes["A"].state) == "stopped")
+        response, body = yield self.chat("A")
+        self.assertEqual(json.loads(body)["responseMessage"], "A")
+
+    @defer.inlineCallbacks
+    def test_loading_state(self):
+        self.start(f"""
+            sendLoadingState: true
+            models:
+              A: {{cmd: "{responder('--health-delay 0.3')}"}}
+        """)
+        response, body = yield self.post("/v1/chat/completions?stream=true",
+                                         {"model": "A", "stream": True, "messages": []})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        text = body.decode()
+        self.assertTrue(text.startswith('data: {"choices": [{"delta": {"reasoning_content": "━━━━━"}}]}'))
+        self.assertIn("llama-swap loading model: A", text)
+        self.assertIn("Done! (", text)
+        self.assertTrue(text.rstrip().endswith("data: [DONE]"))
+
+    @defer.inlineCallbacks
+    def test_upstream_passthrough(self):
+        self.start(AB)
+        response, body = yield self.get("/upstream/A/test")
+        self.assertEqual((response.code, body), (200, b"A"))
+        response = yield self.request("GET", "/upstream/A", allow_redirects=False)
+        self.assertEqual(response.code, 301)
+        self.assertEqual(response.headers.getRawHeaders("location"), ["/upstream/A/"])
+        yield response.content()
+        response, body = yield self.get("/upstream/B/x.js")
+        self.assertEqual(response.code, 409)
+        self.assertNotIn("B", (yield self.running()))
+        response, body = yield self.get("/upstream/zzz/")
+        self.assertEqual((response.code, json.loads(body)["error"]["message"]), (404, "model not found"))
+
+    @defer.inlineCallbacks
+    def test_unload_apis(self):
+        self.start(AB)
+        yield self.chat("A")
+        response, body = yield self.post("/api/models/unload", {})
+        self.assertEqual(json.loads(body), {"msg": "ok"})
+        self.assertEqual((yield self.running()), {})
+        yield self.chat("A")
+        response, body = yield self.post("/api/models/unload/a1", {})
+        self.assertEqual((response.code, body), (200, b"OK"))
+        self.assertEqual((yield self.running()), {})
+        response, body = yield self.post("/api/models/unload/nope", {})
+        self.assertEqual(response.code, 404)
+        response, body = yield self.get("/unload")
+        self.assertEqual((response.code, body), (200, b"OK"))
+
+    @defer.inlineCallbacks
+    def test_groups(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder()}"}}
+              B: {{cmd: "{responder()}"}}
+              C: {{cmd: "{responder()}"}}
+            groups:
+              g: {{swap: false, exclusive: false, members: [A, B]}}
+        """)
+        yield self.chat("A")
+        yield self.chat("B")
+        self.assertEqual((yield self.running()), {"A": "ready", "B": "ready"})
+        yield self.chat("C")
+        self.assertEqual((yield self.running()), {"C": "ready"})
+
+    @defer.inlineCallbacks
+    def test_no_child_left_after_stop(self):
+        self.start(AB)
+        yield self.chat("A")
+        pid = self.runtime.processes["A"].pid
+        yield self.service.stopService()
+        self.assertFalse(pid_alive(pid))

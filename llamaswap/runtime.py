@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .config import Config
+from .events import EventBus
 from .logmon import LogMonitor
 from .process import Process, ProcessState
 from .proxy.stream import make_agent
@@ -24,18 +25,20 @@ class Runtime:
     log = Logger()
 
     def __init__(self, reactor, config: Config, upstream_log: Optional[LogMonitor] = None,
-                 registry=None, on_state: Optional[StateListener] = None):
+                 registry=None, on_state: Optional[StateListener] = None,
+                 events: Optional[EventBus] = None):
         self.reactor = reactor
         self.config = config
         self.upstream_log = upstream_log if upstream_log is not None else LogMonitor()
         self.on_state = on_state
+        self.events = events if events is not None else EventBus()
         self.processes: dict[str, Process] = {}
         for model_id, model in config.models.items():
             self.processes[model_id] = Process(
                 reactor, model, upstream_log=self.upstream_log, on_state=self._state_changed,
                 registry=registry,
             )
-        self.router = LocalRouter(reactor, config, self.processes)
+        self.router = LocalRouter(reactor, config, self.processes, events=self.events)
         self.agent, self.pool = make_agent(reactor)
         self.starts: dict[str, int] = {m: 0 for m in self.processes}
         self.closed = False
@@ -44,6 +47,7 @@ class Runtime:
         if new is ProcessState.STARTING:
             self.starts[process.model.id] = self.starts.get(process.model.id, 0) + 1
         self.router.process_state_changed(process, old, new)
+        self.events.publish("modelStatus", {"id": process.model.id, "old": str(old), "state": str(new)})
         if self.on_state is not None:
             self.on_state(process.model.id, str(old), str(new))
 

@@ -14,15 +14,16 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.server import Request, Site
 
 from twisted.internet import defer
 
 from .config import Config, ConfigError, defaults, diff, load_config
+from .events import EventBus
 from .logmon import LogMonitor
 from .process import ChildRegistry
 from .runtime import Runtime
 from .server import LlamaSwapApp
+from .server.access import AccessLogSite
 
 SHUTDOWN_GRACE = 30.0
 
@@ -40,7 +41,8 @@ class LlamaSwapService(MultiService):
         self.config_dir = config_dir
         self.upstream_log = LogMonitor()
         self.registry = registry
-        self.runtime = Runtime(reactor, config, self.upstream_log, registry)
+        self.events = EventBus()
+        self.runtime = Runtime(reactor, config, self.upstream_log, registry, events=self.events)
         self.api = LlamaSwapApp(lambda: self.runtime, reactor)
         self._reloading = False
 
@@ -79,7 +81,7 @@ class LlamaSwapService(MultiService):
                 return False
             change = diff(self.config, new)
             old = self.runtime
-            self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry)
+            self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events)
             old.shutdown(SHUTDOWN_GRACE).addErrback(
                 lambda f: self.log.failure("stopping the old config's models failed", f))
             if self.running:
@@ -155,16 +157,6 @@ class SighupReload(Service):
         return super().stopService()
 
 
-class _Request(Request):
-    """A request that also works on listeners without a host (unix sockets)."""
-
-    def getRequestHostname(self) -> bytes:
-        host = self.getHeader(b"host")
-        if host:
-            return host.split(b":", 1)[0] if not host.startswith(b"[") else host.split(b"]", 1)[0] + b"]"
-        return str(getattr(self.getHost(), "host", "localhost")).encode()
-
-
 def build_service(
     reactor,
     config: Config,
@@ -179,7 +171,7 @@ def build_service(
     SighupReload(root).setServiceParent(root)
     if watch:
         ConfigWatcher(root).setServiceParent(root)
-    site = Site(root.api.resource(), requestFactory=_Request)
+    site = AccessLogSite(root.api.resource(), reactor)
     for description in endpoints:
         http = StreamServerEndpointService(serverFromString(reactor, description), site)
         http._raiseSynchronously = True  # a bind error aborts start-up loudly

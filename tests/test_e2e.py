@@ -45,7 +45,9 @@ class Harness(TestCase):
 
     def start(self, yaml_text: str):
         port = free_port()
-        config = load_config_text(textwrap.dedent(yaml_text), environ=dict(os.environ))
+        # a fresh start port per test, so parallel runs do not share upstream ports
+        text = f"startPort: {free_port()}\n" + textwrap.dedent(yaml_text).lstrip("\n")
+        config = load_config_text(text, environ=dict(os.environ))
         state = self.mktemp()
         self.service = build_service(reactor, config, [f"tcp:{port}:interface=127.0.0.1"],
                                      registry=ChildRegistry(state))
@@ -256,9 +258,23 @@ class SchedulingTests(Harness):
     @defer.inlineCallbacks
     def test_collation(self):
         self.start(AB)
+        events = []
+        self.service.events.subscribe(lambda kind, data: events.append((kind, data)))
         results = yield defer.gatherResults([self.chat(m) for m in "ABAB"])
         self.assertEqual([json.loads(body)["responseMessage"] for _, body in results], list("ABAB"))
         self.assertEqual(len(self.starts), 2)
+        swaps = [data["target"] for kind, data in events if kind == "swap"]
+        self.assertEqual(sorted(swaps), ["A", "B"])
+        evicted = [data for kind, data in events if kind == "evict"]
+        self.assertEqual(len(evicted), 1)
+        self.assertIn("reason", evicted[0])
+
+    @defer.inlineCallbacks
+    def test_body_too_large(self):
+        self.start(AB + "    maxRequestBodyBytes: 100\n")
+        response, body = yield self.post("/v1/chat/completions", {"model": "A", "pad": "x" * 200})
+        self.assertEqual(response.code, 413)
+        self.assertEqual(self.starts, [])
 
     @defer.inlineCallbacks
     def test_three_models_interleaved(self):

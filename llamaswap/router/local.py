@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ..config import Config, ModelConfig
+from ..events import EventBus
 from ..process import Process, ProcessState
 from .planners import planner_for
 from .scheduler import MSG_SHUTDOWN, Scheduler
@@ -59,11 +60,11 @@ class LocalRouter:
     log = Logger()
 
     def __init__(self, reactor, config: Config, processes: Mapping[str, Process],
-                 on_queue_position: Optional[Callable[[Hashable, int], None]] = None):
+                 events: Optional[EventBus] = None):
         self.reactor = reactor
         self.config = config
         self.processes = dict(processes)
-        self.on_queue_position = on_queue_position
+        self.events = events if events is not None else EventBus()
         self._waiting: dict[Hashable, defer.Deferred] = {}
         self._granted: dict[Hashable, Grant] = {}
         self._positions: dict[Hashable, Callable[[int], None]] = {}
@@ -145,16 +146,19 @@ class LocalRouter:
             d.errback(RoutingError(status, message, headers, code))
 
     def queue_position(self, req_id: Hashable, position: int) -> None:
+        self.events.publish("queuePosition", {"request": req_id, "position": position})
         callback = self._positions.get(req_id)
         if callback is not None:
             callback(position)
 
     def evicting(self, model: str, reason: str) -> None:
         self.log.info("{model} evicted: {reason}", model=model, reason=reason)
+        self.events.publish("evict", {"model": model, "reason": reason})
 
     def start_swap(self, target: str, evict: frozenset, reason: str) -> None:
         self.log.info("swap to {target}: {reason}", target=target, reason=reason or "load")
         self.loads += 1
+        self.events.publish("swap", {"target": target, "evict": sorted(evict), "reason": reason})
         stops = [self._stop(self.processes[m], self.processes[m].model.health_check_timeout)
                  for m in sorted(evict) if m in self.processes]
         d = defer.gatherResults(stops, consumeErrors=True) if stops else defer.succeed(None)

@@ -154,7 +154,7 @@ class LlamaSwapApp:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> bytes:
-        request.redirect(b"/ui")
+        request.redirect(b"/ui/")
         return b""
 
     @app.route("/v1/models", methods=["GET"])

@@ -414,3 +414,37 @@ class LifecycleTests(Harness):
         pid = self.runtime.processes["A"].pid
         yield self.service.stopService()
         self.assertFalse(pid_alive(pid))
+
+
+class StarvationTests(Harness):
+    @defer.inlineCallbacks
+    def test_max_wait_bounds_a_starved_request(self):
+        """Under a steady stream of A requests, B waits about maxWait, not for ever."""
+        self.start(AB + """
+    routing:
+      scheduler:
+        settings:
+          fifo: {maxWait: 1.0}
+""")
+        yield self.chat("A")
+        stop = []
+
+        @defer.inlineCallbacks
+        def stream_of_a(offset):
+            yield task.deferLater(reactor, offset, lambda: None)
+            while not stop:
+                yield self.post("/v1/chat/completions?wait=0.3", {"model": "A"})
+
+        # staggered, so A always has a request in flight
+        workers = [stream_of_a(i * 0.1) for i in range(3)]
+        yield task.deferLater(reactor, 0.4, lambda: None)
+        started = reactor.seconds()
+        response, body = yield self.chat("B")
+        waited = reactor.seconds() - started
+        stop.append(True)
+        yield defer.gatherResults(workers)
+        self.assertEqual(json.loads(body)["responseMessage"], "B")
+        # maxWait + one A request in flight + B's load, with slack for a loaded machine
+        self.assertGreater(waited, 0.9)  # A kept the model busy until B was overdue
+        self.assertLess(waited, 1.0 + 0.3 + 2.0)
+        print(f"\nstarved B waited {waited:.2f}s (maxWait 1.0s, A requests 0.3s)")

@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import textwrap
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import psutil
 from treq.client import HTTPClient

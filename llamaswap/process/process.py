@@ -115,7 +115,9 @@ def http_status(reactor: Any, agent: Agent, url: str, timeout: float) -> "Deferr
 
     The whole exchange is bounded by ``timeout`` and cancellable.
     """
-    d = agent.request(b"GET", url.encode("ascii"), Headers({b"user-agent": [b"llamaswap-health"]}))
+    d: Deferred[Any] = agent.request(
+        b"GET", url.encode("ascii"), Headers({b"user-agent": [b"llamaswap-health"]})
+    )
 
     def got(response: Any) -> "Deferred[int]":
         proto: _Discard
@@ -448,12 +450,8 @@ class Process:
         return None
 
     def _stop_health_checks(self) -> None:
-        if self._health_deadline is not None and self._health_deadline.active():
-            self._health_deadline.cancel()
-        self._health_deadline = None
-        if self._poll_call is not None and self._poll_call.active():
-            self._poll_call.cancel()
-        self._poll_call = None
+        self._health_deadline = _cancel(self._health_deadline)
+        self._poll_call = _cancel(self._poll_call)
         self._poll_token = None
         d, self._poll_d = self._poll_d, None
         if d is not None:
@@ -496,9 +494,7 @@ class Process:
         if self._stop_deadline is not None and deadline >= self._stop_deadline:
             return
         self._stop_deadline = deadline
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
-        self._kill_call = None
+        self._kill_call = _cancel(self._kill_call)
         if grace <= 0:
             self._escalate()
         else:
@@ -558,8 +554,8 @@ class Process:
 
     def _stop_command_ended(self, proto: UpstreamProtocol, status: ExitStatus) -> None:
         entry = self._stop_cmds.pop(proto, None)
-        if entry is not None and entry[1].active():
-            entry[1].cancel()
+        if entry is not None:
+            _cancel(entry[1])
         self.log.info("{model} cmdStop finished: {status}", model=self.model.id, status=str(status))
 
     def _kill_stop_command(self, proto: UpstreamProtocol) -> None:
@@ -580,9 +576,7 @@ class Process:
         if proto is not self._proto or self._child is None or self._exit_status is not None:
             return
         self._exit_status = status
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
-        self._kill_call = None
+        self._kill_call = _cancel(self._kill_call)
         self._signal(signal.SIGKILL)
         self._drain_call = self._reactor.callLater(EXIT_DRAIN_TIMEOUT, self._child_gone, proto)
 
@@ -597,18 +591,14 @@ class Process:
     def _child_gone(self, proto: UpstreamProtocol) -> None:
         if proto is not self._proto or self._child is None:
             return
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
-        self._drain_call = None
+        self._drain_call = _cancel(self._drain_call)
         proto.flush()
         status = self._exit_status or ExitStatus(None)
         pid = self._pid
         self._child = None
         self._pid = None
         self._stop_deadline = None
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
-        self._kill_call = None
+        self._kill_call = _cancel(self._kill_call)
         self._stop_health_checks()
         self._cancel_ttl()
         if self._registry is not None and pid is not None:
@@ -669,9 +659,7 @@ class Process:
     # -- TTL -------------------------------------------------------------------------
 
     def _cancel_ttl(self) -> None:
-        if self._ttl_call is not None and self._ttl_call.active():
-            self._ttl_call.cancel()
-        self._ttl_call = None
+        self._ttl_call = _cancel(self._ttl_call)
 
     def _schedule_ttl(self) -> None:
         self._cancel_ttl()
@@ -702,6 +690,13 @@ class Process:
         self.logmon.write(data)
         if self._upstream_log is not None:
             self._upstream_log.write(data)
+
+
+def _cancel(call: Optional[IDelayedCall]) -> Optional[IDelayedCall]:
+    """Cancel a pending timer (None or already run/cancelled is fine); returns None."""
+    if call is not None and call.active():
+        call.cancel()
+    return None
 
 
 def _withdraw(waiters: list, d: Deferred) -> None:

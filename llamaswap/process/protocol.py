@@ -159,7 +159,7 @@ class UpstreamProtocol(ProcessProtocol):
     def connectionMade(self) -> None:
         # Upstream servers do not read stdin: give them EOF, not a pipe that
         # never delivers anything.
-        self.transport.closeStdin()  # type: ignore[union-attr]
+        self.transport.closeStdin()  # type: ignore[union-attr,misc]
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         splitter = self._splitters.get(childFD)

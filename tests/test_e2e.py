@@ -139,6 +139,9 @@ class SwapTests(Harness):
         self.assertEqual(body, b"llama-swap: no model id could be identified")
         response, _ = yield self.get("/v1/chat/completions")
         self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["POST"])
+        response, body = yield self.get("/no/such/path")
+        self.assertEqual((response.code, body), (404, b"404 page not found"))
         self.assertEqual(self.starts, [])
 
     @defer.inlineCallbacks
@@ -448,3 +451,38 @@ class StarvationTests(Harness):
         self.assertGreater(waited, 0.9)  # A kept the model busy until B was overdue
         self.assertLess(waited, 1.0 + 0.3 + 2.0)
         print(f"\nstarved B waited {waited:.2f}s (maxWait 1.0s, A requests 0.3s)")
+
+
+class RouteTests(Harness):
+    @defer.inlineCallbacks
+    def test_preload(self):
+        self.start(AB + """
+    hooks:
+      on_startup:
+        preload: [a1]
+""")
+        yield self.wait_for(lambda: self.running().addCallback(lambda r: r == {"A": "ready"}))
+
+    @defer.inlineCallbacks
+    def test_model_from_query_and_multipart(self):
+        self.start(f"""
+            models:
+              W: {{cmd: "{responder()}", useModelName: whisper-1}}
+        """)
+        response, body = yield self.get("/v1/audio/voices?model=W")
+        self.assertEqual((response.code, json.loads(body)["voices"]), (200, ["voice1"]))
+        response = yield self.request("POST", "/v1/audio/transcriptions", pool=self.pool,
+                                      data={"model": "W"}, files={"file": ("a.wav", b"12345")})
+        body = json.loads((yield response.content()))
+        self.assertEqual(body["text"], "The length of the file is 5 bytes")
+        self.assertEqual(body["model"], "whisper-1")
+
+    @defer.inlineCallbacks
+    def test_versionless_and_audioapi_paths(self):
+        self.start(AB)
+        response, body = yield self.post("/v/chat/completions", {"model": "A"})
+        self.assertEqual(json.loads(body)["path"], "/chat/completions")  # forwarded without /v
+        response, body = yield self.post("/audioapi/v1/tasks/run", {"model": "A"})
+        self.assertEqual(json.loads(body)["path"], "/v1/tasks/run")
+        response, body = yield self.post("/v/nothing", {"model": "A"})
+        self.assertEqual(response.code, 404)

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..config import Config, thaw
 from ..process import ProcessState
@@ -141,6 +142,19 @@ class LlamaSwapApp:
 
     def resource(self) -> Resource:
         return FrontResource(self.app.resource(), lambda: self.config, self.clock)
+
+    # -- Go ServeMux-like answers for unknown paths and wrong methods --------------------
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure) -> bytes:
+        return send_text(request, "404 page not found", 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure) -> bytes:
+        allowed = sorted(failure.value.valid_methods or ())
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode())
+        return send_text(request, "Method Not Allowed", 405)
 
     # -- simple routes ----------------------------------------------------------------
 

@@ -19,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     from twisted.scripts.twistd import run
 
-    sys.argv = ["llama-swap", "--nodaemon", "--pidfile=", "llamaswap", *args]
+    sys.argv = ["llama-swap", "--nodaemon", "--pidfile=", "--logger=llamaswap.logs.observer", "llamaswap", *args]
     run()
 
 

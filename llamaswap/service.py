@@ -13,13 +13,14 @@ from typing import Optional, Sequence
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
 from twisted.internet import defer
 
 from .config import Config, ConfigError, defaults, diff, load_config
 from .events import EventBus
-from .logmon import LogMonitor
+from . import logs
+from .inflight import InflightTracker
 from .process import ChildRegistry
 from .runtime import Runtime
 from .server import LlamaSwapApp
@@ -39,18 +40,27 @@ class LlamaSwapService(MultiService):
         self.reactor = reactor
         self.config_path = config_path
         self.config_dir = config_dir
-        self.upstream_log = LogMonitor()
+        self.hub = logs.hub()
+        self.hub.configure(config.log_level, config.log_time_format)
+        self.hub.route(config.log_to_stdout)
+        self.upstream_log = self.hub.upstream
         self.registry = registry
         self.events = EventBus()
+        self.inflight = InflightTracker(reactor, self.events)
         self.runtime = Runtime(reactor, config, self.upstream_log, registry, events=self.events)
-        self.api = LlamaSwapApp(lambda: self.runtime, reactor)
+        self.api = LlamaSwapApp(lambda: self.runtime, reactor, hub=self.hub, events=self.events,
+                                inflight=self.inflight)
         self._reloading = False
+        self._observing = False
 
     @property
     def config(self) -> Config:
         return self.runtime.config
 
     def startService(self) -> None:
+        if not self.hub.installed:  # plain twistd: still keep the proxy log history
+            globalLogPublisher.addObserver(self.hub)
+            self._observing = True
         if self.registry is not None:
             for record in self.registry.sweep():
                 self.log.warn("killed a stale upstream left by an earlier run: {model} (pid {pid})",
@@ -65,8 +75,12 @@ class LlamaSwapService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         """Stop listening first, then stop every model (TERM, KILL after the grace)."""
+        self.api.close_streams()
         yield defer.maybeDeferred(super().stopService)
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
+        if self._observing:
+            globalLogPublisher.removeObserver(self.hub)
+            self._observing = False
 
     def reload(self) -> bool:
         """Load the config again; on error keep the old one.  True if applied."""
@@ -80,6 +94,7 @@ class LlamaSwapService(MultiService):
                 self.log.warn("config reload failed, keeping the running config:\n{error}", error=str(e))
                 return False
             change = diff(self.config, new)
+            self.hub.configure(new.log_level, new.log_time_format)
             old = self.runtime
             self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events)
             old.shutdown(SHUTDOWN_GRACE).addErrback(

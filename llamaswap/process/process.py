@@ -29,10 +29,11 @@ from twisted.internet.interfaces import IDelayedCall, IProcessProtocol
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool  # noqa: F401  (type of self._pool)
 from twisted.web.http_headers import Headers
 
 from ..config.types import ModelConfig
+from ..httpclient import quiet_pool
 from ..logmon import LogMonitor
 from .command import build_env, resolve_executable, sanitize_command
 from .errors import (
@@ -404,7 +405,7 @@ class Process:
 
     def _get_http(self) -> HttpGet:
         if self._http_get is None:
-            self._pool = HTTPConnectionPool(self._reactor, persistent=False)
+            self._pool = quiet_pool(self._reactor, persistent=False)
             agent = Agent(self._reactor, pool=self._pool, connectTimeout=HEALTH_POLL_TIMEOUT)
             self._http_get = partial(http_status, self._reactor, agent)
         return self._http_get

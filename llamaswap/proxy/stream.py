@@ -22,6 +22,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+
+from ..httpclient import quiet_pool
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IRequest
@@ -200,7 +202,7 @@ def forward(
 
 def make_agent(reactor, connect_timeout: float = 30.0, max_per_host: int = 64) -> tuple[Agent, HTTPConnectionPool]:
     """An Agent with its own persistent connection pool (close it on shutdown)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 60
     return Agent(reactor, connectTimeout=connect_timeout or None, pool=pool), pool

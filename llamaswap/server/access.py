@@ -32,6 +32,7 @@ def format_duration(seconds: float) -> str:
 
 
 class AccessLogSite(Site):
+    noisy = False
     log_ = Logger(namespace="llamaswap.access")
 
     def __init__(self, resource, clock, **kw):

@@ -21,6 +21,9 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..config import Config, thaw
+from ..events import EventBus
+from ..inflight import InflightTracker
+from ..logs import LogHub
 from ..process import ProcessState
 from ..proxy.filters import (
     apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
@@ -30,6 +33,7 @@ from ..proxy.stream import UpstreamUnavailable, forward, upstream_headers
 from ..router.local import RoutingError
 from .auth import extract_api_key, key_allowed
 from .errors import render_error
+from .streams import BoundedStream, dropped_marker
 
 # (path, methods, upstream path) of every model-dispatched route
 JSON_POST = (
@@ -126,11 +130,21 @@ class LlamaSwapApp:
     app = Klein()
     log = Logger()
 
-    def __init__(self, runtime: Callable[[], object], clock=None):
+    def __init__(self, runtime: Callable[[], object], clock=None, hub: Optional[LogHub] = None,
+                 events: Optional[EventBus] = None, inflight: Optional[InflightTracker] = None):
         self._runtime = runtime
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        self.hub = hub if hub is not None else LogHub()
+        self.events = events if events is not None else EventBus()
+        self.inflight = inflight if inflight is not None else InflightTracker(clock, self.events)
+        self.streams: set = set()
+
+    def close_streams(self) -> None:
+        """End every open log tail and event stream (shutdown)."""
+        for stream in list(self.streams):
+            stream.end()
 
     @property
     def runtime(self):
@@ -253,6 +267,118 @@ class LlamaSwapApp:
         await self.runtime.router.unload([model_id])
         return send_text(request, "OK")
 
+    # -- logs ------------------------------------------------------------------------------
+
+    def log_monitor(self, name: str):
+        """The monitor for a /logs/stream suffix: '', proxy, upstream, a model id or alias."""
+        if name == "":
+            return self.hub.combined
+        if name == "proxy":
+            return self.hub.proxy
+        if name == "upstream":
+            return self.hub.upstream
+        model_id = self.config.real_model_name(name)
+        if model_id is not None and model_id in self.runtime.processes:
+            return self.runtime.processes[model_id].logmon
+        return None
+
+    @app.route("/logs", methods=["GET"])
+    def logs(self, request: IRequest) -> bytes:
+        if "text/html" in header(request, b"accept"):
+            request.redirect(b"/ui/")
+            return b""
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return self.hub.combined.history()
+
+    @app.route("/logs/stream", methods=["GET"], branch=True)
+    async def log_stream(self, request: IRequest):
+        name = unquote(request.path[len(b"/logs/stream"):].decode("latin-1")).strip("/")
+        monitor = self.log_monitor(name)
+        if monitor is None:
+            return send_error(request, 400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"x-accel-buffering", b"no")
+        stream = BoundedStream(request, marker=dropped_marker)
+        if b"no-history" not in request.args:
+            stream.write(monitor.history())
+        await self._run_stream(stream, [monitor.subscribe(stream.write)])
+        return b""
+
+    async def _run_stream(self, stream: BoundedStream, unsubscribes: list) -> None:
+        self.streams.add(stream)
+        try:
+            await stream.closed
+        finally:
+            self.streams.discard(stream)
+            for unsubscribe in unsubscribes:
+                unsubscribe()
+
+    # -- live events --------------------------------------------------------------------------
+
+    def model_status(self) -> list:
+        out = []
+        config = self.config
+        processes = self.runtime.processes
+        for model_id in sorted(config.models):
+            m = config.models[model_id]
+            item = {"id": model_id, "name": m.name, "description": m.description,
+                    "state": str(processes[model_id].state), "unlisted": m.unlisted, "peerID": ""}
+            if m.aliases:
+                item["aliases"] = list(m.aliases)
+            if m.capabilities.context:
+                item["context_length"] = m.capabilities.context
+            out.append(item)
+        for peer in config.peers.values():
+            for name in peer.models:
+                out.append({"id": f"{peer.id}/{name}", "name": "", "description": "", "state": "",
+                            "unlisted": False, "peerID": peer.id})
+        return out
+
+    @staticmethod
+    def sse(kind: str, payload) -> bytes:
+        envelope = json.dumps({"type": kind, "data": json.dumps(payload)})
+        return b"event:message\ndata:" + envelope.encode() + b"\n\n"
+
+    @app.route("/api/events", methods=["GET"])
+    async def api_events(self, request: IRequest):
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"x-accel-buffering", b"no")
+        stream = BoundedStream(request)
+        sse = self.sse
+
+        def log_data(source: str):
+            return lambda data: stream.write(sse("logData", {"source": source, "data": data.decode("utf-8", "replace")}))
+
+        stream.write(sse("logData", {"source": "proxy", "data": self.hub.proxy.history().decode("utf-8", "replace")}))
+        stream.write(sse("logData", {"source": "upstream",
+                                     "data": self.hub.upstream.history().decode("utf-8", "replace")}))
+        stream.write(sse("modelStatus", self.model_status()))
+        stream.write(sse("uiConfig", {"activity": {"session_id": list(self.config.session_id_headers)}}))
+        stream.write(sse("profileChanged", {"active": None}))
+        stream.write(sse("inflight", self.inflight.snapshot()))
+
+        def on_event(kind: str, data) -> None:
+            if kind == "modelStatus":
+                stream.write(sse("modelStatus", self.model_status()))
+            elif kind in ("inflight", "activity", "profileChanged"):
+                stream.write(sse(kind, data))
+
+        await self._run_stream(stream, [
+            self.hub.proxy.subscribe(log_data("proxy")),
+            self.hub.upstream.subscribe(log_data("upstream")),
+            self.events.subscribe(on_event),
+        ])
+        return b""
+
+    @app.route("/api/inflight/<entry_id>/cancel", methods=["POST"])
+    def cancel_inflight(self, request: IRequest, entry_id: str) -> bytes:
+        if not self.inflight.cancel(entry_id):
+            return send_error(request, 404, "inflight request not found")
+        return send_json(request, {"msg": "ok"})
+
     # -- model-dispatched routes ----------------------------------------------------------
 
     @app.route("/v1/chat/completions", methods=["POST"])
@@ -302,6 +428,7 @@ class LlamaSwapApp:
         return content.read()
 
     async def dispatch(self, request: IRequest, upstream_path: str, model_name: Optional[str] = None):
+        """Find the model a request names, then serve it through the router."""
         body = self._read_body(request)
         if body is None:
             return send_error(request, 413, "request body too large")
@@ -313,33 +440,39 @@ class LlamaSwapApp:
             if not model_name:
                 return send_error(request, 404, "no model id could be identified")
         elif "application/json" in ctype.lower():
-            try:
-                parsed = json.loads(body) if body.strip() else None
-            except ValueError:
-                parsed = None
-            parsed = parsed if isinstance(parsed, dict) else None
+            parsed = _json_object(body)
         model_id = self.config.real_model_name(model_name)
         if model_id is None:
             return send_error(request, 404, "no router for requested model")
         runtime = self.runtime
+        entry = self.inflight.add(
+            model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
+            {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
+            client_ip(request), cancel=lambda: _abort(request))
+        try:
+            request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path)
+            return await self._serve(request, runtime, model_id, request_info, entry)
+        finally:
+            self.inflight.remove(entry)
+
+    async def _serve(self, request: IRequest, runtime, model_id: str, info: "_RequestInfo", entry):
         model = runtime.config.models[model_id]
         process = runtime.processes[model_id]
-
-        streaming = bool(parsed and parsed.get("stream") is True) or b"stream=true" in query
+        streaming = bool(info.parsed and info.parsed.get("stream") is True) or b"stream=true" in info.query
         loading = None
-        if (model.send_loading_state and streaming and upstream_path.startswith("/v1/chat/completions")
+        if (model.send_loading_state and streaming and info.upstream_path.startswith("/v1/chat/completions")
                 and process.state is not ProcessState.READY):
-            position_seen = []
+            seen: list = []
 
             def on_position(n: int) -> None:
-                position_seen.append(n)
+                seen.append(n)
                 if loading is not None:
                     loading.position(n)
 
             wait = runtime.router.request(model_id, on_position)
             if not wait.called:
                 loading = LoadingStream(request, self.clock, model_id)
-                for n in position_seen:
+                for n in seen:
                     loading.position(n)
         else:
             wait = runtime.router.request(model_id)
@@ -357,12 +490,19 @@ class LlamaSwapApp:
         try:
             if loading is not None:
                 loading.done()
-            body = self._filter_body(body, parsed, ctype, model_name, model)
-            url = model.proxy.rstrip("/") + upstream_path + ("?" + query.decode("latin-1") if query else "")
+            body = self._filter_body(info.body, info.parsed, info.ctype, info.model_name, model)
+            url = model.proxy.rstrip("/") + info.upstream_path + (
+                "?" + info.query.decode("latin-1") if info.query else "")
             headers = upstream_headers(request.requestHeaders, client_ip(request),
                                        "https" if request.isSecure() else "http", request.getHeader(b"host"))
             try:
-                await forward(runtime.agent, request, url.encode(), body, headers, write_head=loading is None)
+                await forward(
+                    runtime.agent, request, url.encode(), body, headers,
+                    on_chunk=lambda data: self.inflight.add_bytes(entry, len(data)),
+                    on_headers=lambda response: self.inflight.response_headers(entry, {
+                        k.decode("latin-1"): v[-1].decode("latin-1")
+                        for k, v in response.headers.getAllRawHeaders()}),
+                    write_head=loading is None)
             except UpstreamUnavailable as e:
                 if loading is not None or request.startedWriting:
                     return b""
@@ -372,7 +512,7 @@ class LlamaSwapApp:
             except Exception as e:  # the upstream died mid-response (crash)
                 self.log.warn("{model}: upstream response failed: {error}", model=model_id, error=str(e))
                 if request.startedWriting:
-                    request.transport.abortConnection() if request.transport else None
+                    _abort(request)
                     return b""
                 return send_error(request, 502, f"upstream response failed: {e}")
             return b""
@@ -421,6 +561,30 @@ class LlamaSwapApp:
                 re.search(p, path) for p in self.config.ignore_paths):
             return send_error(request, 409, f"model {model_id} is not loaded; path matches upstream.ignorePaths")
         return defer.ensureDeferred(self.dispatch(request, path, model_name=model_id))
+
+
+class _RequestInfo:
+    """What a model-dispatched request carries once its body is read."""
+
+    __slots__ = ("body", "parsed", "ctype", "query", "model_name", "upstream_path")
+
+    def __init__(self, body: bytes, parsed, ctype: str, query: bytes, model_name: str, upstream_path: str):
+        self.body, self.parsed, self.ctype = body, parsed, ctype
+        self.query, self.model_name, self.upstream_path = query, model_name, upstream_path
+
+
+def _json_object(body: bytes):
+    try:
+        parsed = json.loads(body) if body.strip() else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _abort(request: IRequest) -> None:
+    transport = getattr(request.channel, "transport", None) if request.channel is not None else None
+    if transport is not None:
+        transport.abortConnection()
 
 
 def _render_capabilities(caps) -> dict:

@@ -59,6 +59,12 @@ def header(request: IRequest, name: bytes) -> str:
     return value.decode("latin-1") if value else ""
 
 
+def query_flag(request: IRequest, name: bytes) -> bool:
+    """Whether ``?name`` (with or without a value) is in the query string."""
+    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+    return any(part.split(b"=", 1)[0] == name for part in query.split(b"&"))
+
+
 def send_error(request: IRequest, status: int, message: str, code: Optional[str] = None,
                headers: Optional[dict] = None) -> bytes:
     ctype, body = render_error(status, message, header(request, b"accept"), code)
@@ -300,7 +306,7 @@ class LlamaSwapApp:
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-accel-buffering", b"no")
         stream = BoundedStream(request, marker=dropped_marker)
-        if b"no-history" not in request.args:
+        if not query_flag(request, b"no-history"):
             stream.write(monitor.history())
         await self._run_stream(stream, [monitor.subscribe(stream.write)])
         return b""

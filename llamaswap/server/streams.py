@@ -30,9 +30,15 @@ class BoundedStream:
         self.closed: defer.Deferred = defer.Deferred()
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(self._lost)
+        request.write(b"")  # send the headers now: a stream may stay quiet for long
+
+    def _unregister(self) -> None:
+        if getattr(self.request, "producer", None) is self and getattr(self.request, "channel", None) is not None:
+            self.request.unregisterProducer()
 
     def _lost(self, _result) -> None:
         self.buffer, self.buffered = [], 0
+        self._unregister()
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -55,7 +61,7 @@ class BoundedStream:
     def end(self) -> None:
         """Finish the response from our side (server shutdown)."""
         if self.open:
-            self.request.unregisterProducer()
+            self._unregister()
             self.closed.callback(None)
 
     # IPushProducer

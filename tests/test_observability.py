@@ -1,0 +1,150 @@
+"""Logs, live events and the in-flight table."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
+from twisted.web.test.requesthelper import DummyRequest
+
+from llamaswap.logs import LogHub, format_time
+from llamaswap.server.streams import BoundedStream, dropped_marker
+
+from .test_e2e import AB, Harness, responder
+
+
+class LogHubTests(SynchronousTestCase):
+    def hub(self, mode):
+        out = io.BytesIO()
+        hub = LogHub(mode, stdout=out)
+        hub.proxy.write(b"proxy line\n")
+        hub.upstream.write(b"upstream line\n")
+        return out.getvalue(), hub
+
+    def test_routing(self):
+        self.assertEqual(self.hub("proxy")[0], b"proxy line\n")
+        self.assertEqual(self.hub("upstream")[0], b"upstream line\n")
+        self.assertEqual(self.hub("both")[0], b"proxy line\nupstream line\n")
+        out, hub = self.hub("none")
+        self.assertEqual(out, b"")
+        self.assertEqual(hub.proxy.history(), b"proxy line\n")  # histories are always kept
+        self.assertEqual(hub.upstream.history(), b"upstream line\n")
+
+    def test_level_and_format(self):
+        hub = LogHub("proxy", level="warn")
+        from twisted.logger import LogLevel
+
+        hub({"log_format": "quiet", "log_level": LogLevel.info, "log_time": 0})
+        hub({"log_format": "loud {x}", "x": 1, "log_level": LogLevel.error, "log_time": 0})
+        self.assertEqual(hub.proxy.history(), b"[ERROR] loud 1\n")
+        self.assertRegex(format_time("rfc3339", 0), r"^19(69|70)-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$")
+        self.assertEqual(format_time("", 0), "")
+
+
+class BoundedStreamTests(SynchronousTestCase):
+    def test_slow_reader_is_bounded(self):
+        request = DummyRequest([b""])
+        request.registerProducer = lambda producer, streaming: None
+        stream = BoundedStream(request, max_bytes=10, marker=dropped_marker)
+        stream.write(b"12345")
+        stream.pauseProducing()
+        stream.write(b"abcde")
+        stream.write(b"fghij")
+        stream.write(b"klmno")  # over the bound: dropped
+        self.assertEqual(stream.buffered, 10)
+        stream.resumeProducing()
+        self.assertEqual(b"".join(request.written), b"12345abcdefghij\n\xe2\x80\x94 5 bytes dropped \xe2\x80\x94\n")
+
+
+class _Lines(Protocol):
+    def __init__(self):
+        self.data = b""
+        self.changed = None
+
+    def dataReceived(self, data):
+        self.data += data
+
+
+class EndpointTests(Harness):
+    @defer.inlineCallbacks
+    def open_stream(self, path):
+        response = yield treq.get(self.base + path, pool=self.pool, unbuffered=True)
+        collector = _Lines()
+        response.deliverBody(collector)
+        return response, collector
+
+    @defer.inlineCallbacks
+    def test_logs(self):
+        self.start(AB)
+        yield self.chat("A")
+        response, body = yield self.get("/logs")
+        self.assertEqual(response.code, 200)
+        response = yield self.request("GET", "/logs", headers={"Accept": "text/html"}, allow_redirects=False)
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")), (302, ["/ui/"]))
+        yield response.content()
+        response, collector = yield self.open_stream("/logs/stream/a1")  # an alias
+        yield self.wait_for(lambda: b"listening on" in collector.data)
+        response, quiet = yield self.open_stream("/logs/stream/A?no-history")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(quiet.data, b"")
+        yield self.post("/upstream/A/anything", {"model": "A"})  # the responder logs nothing (--silent)...
+        self.runtime.processes["A"].logmon.write(b"live line\n")  # ...so write a line the way output arrives
+        yield self.wait_for(lambda: quiet.data == b"live line\n")
+        response, body = yield self.get("/logs/stream/nope")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"invalid logger", body)
+
+    @defer.inlineCallbacks
+    def test_events(self):
+        self.start(AB)
+        response, collector = yield self.open_stream("/api/events")
+        self.assertEqual(response.headers.getRawHeaders("x-accel-buffering"), ["no"])
+
+        def messages():
+            out = []
+            for frame in collector.data.split(b"\n\n"):
+                if frame.startswith(b"event:message\ndata:"):
+                    envelope = json.loads(frame[len(b"event:message\ndata:"):])
+                    out.append((envelope["type"], json.loads(envelope["data"])))
+            return out
+
+        yield self.wait_for(lambda: len(messages()) >= 6)
+        kinds = [k for k, _ in messages()[:6]]
+        self.assertEqual(kinds, ["logData", "logData", "modelStatus", "uiConfig", "profileChanged", "inflight"])
+        self.assertEqual([m["id"] for m in messages()[2][1]], ["A", "B"])
+        self.assertEqual(messages()[3][1], {"activity": {"session_id": ["X-Session-ID", "X-Litellm-Session-Id"]}})
+        self.assertEqual(messages()[5][1], {"operation": "snapshot"})
+        yield self.chat("A")
+        states = [{m["id"]: m["state"] for m in data}["A"] for kind, data in messages() if kind == "modelStatus"]
+        self.assertIn("starting", states)
+        self.assertEqual(states[-1], "ready")
+        ops = [data["operation"] for kind, data in messages() if kind == "inflight"]
+        self.assertEqual(ops[0], "snapshot")
+        self.assertIn("upsert", ops)
+        self.assertEqual(ops[-1], "remove")
+        upsert = next(data["request"] for kind, data in messages()
+                      if kind == "inflight" and data["operation"] == "upsert")
+        self.assertEqual((upsert["model"], upsert["req_path"], upsert["method"]), ("A", "/v1/chat/completions", "POST"))
+
+    @defer.inlineCallbacks
+    def test_cancel_inflight(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder('--tokens 500 --token-delay 0.02')}"}}
+        """)
+        yield self.chat("A")
+        d = self.post("/v1/chat/completions", {"model": "A", "stream": True})
+        d.addErrback(lambda f: f.trap(ResponseFailed))  # the client sees its connection cut
+        yield self.wait_for(lambda: self.service.inflight.entries)
+        entry_id = next(iter(self.service.inflight.entries))
+        response, body = yield self.post(f"/api/inflight/{entry_id}/cancel", {})
+        self.assertEqual(json.loads(body), {"msg": "ok"})
+        yield d
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 0)
+        response, body = yield self.post("/api/inflight/999/cancel", {})
+        self.assertEqual((response.code, json.loads(body)["error"]["message"]), (404, "inflight request not found"))

@@ -17,6 +17,8 @@ from twisted.logger import Logger, globalLogPublisher
 
 from twisted.internet import defer
 
+from .activity.captures import CaptureStore
+from .activity.store import ActivityStore
 from .config import Config, ConfigError, defaults, diff, load_config
 from .events import EventBus
 from . import logs
@@ -48,8 +50,10 @@ class LlamaSwapService(MultiService):
         self.events = EventBus()
         self.inflight = InflightTracker(reactor, self.events)
         self.runtime = Runtime(reactor, config, self.upstream_log, registry, events=self.events)
+        self.activity = ActivityStore(reactor, config.store_path, config.metrics_max_in_memory)
+        self.captures = CaptureStore(config.capture_buffer * 1024 * 1024)
         self.api = LlamaSwapApp(lambda: self.runtime, reactor, hub=self.hub, events=self.events,
-                                inflight=self.inflight)
+                                inflight=self.inflight, activity=self.activity, captures=self.captures)
         self._reloading = False
         self._observing = False
 
@@ -69,6 +73,7 @@ class LlamaSwapService(MultiService):
             self.log.warn("config: {warning}", warning=warning)
         self.log.info("llamaswap: {n} model(s) configured: {models}",
                       n=len(self.config.models), models=", ".join(sorted(self.config.models)) or "-")
+        self.activity.start().addErrback(lambda f: self.log.failure("cannot open the activity store", f))
         super().startService()
         self.runtime.preload()
 
@@ -78,6 +83,7 @@ class LlamaSwapService(MultiService):
         self.api.close_streams()
         yield defer.maybeDeferred(super().stopService)
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
+        yield self.activity.close()
         if self._observing:
             globalLogPublisher.removeObserver(self.hub)
             self._observing = False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import sys
 
 import treq
 from twisted.internet import defer, reactor, task
@@ -148,3 +150,72 @@ class EndpointTests(Harness):
         yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 0)
         response, body = yield self.post("/api/inflight/999/cancel", {})
         self.assertEqual((response.code, json.loads(body)["error"]["message"]), (404, "inflight request not found"))
+
+
+class ActivityEndpointTests(Harness):
+    @defer.inlineCallbacks
+    def rows(self, n):
+        yield self.wait_for(lambda: self.get("/api/metrics/activity").addCallback(
+            lambda rb: len(json.loads(rb[1])["data"]) >= n))
+        _, body = yield self.get("/api/metrics/activity?sort=id&order=asc")
+        return json.loads(body)["data"]
+
+    @defer.inlineCallbacks
+    def test_rows_match_upstream_timings(self):
+        self.start(AB)
+        response, body = yield self.post("/v1/chat/completions", {"model": "A"},
+                                         headers={"Authorization": "Bearer secret"})
+        upstream = json.loads(body)
+        response, stream_body = yield self.post("/v1/chat/completions", {"model": "A", "stream": True})
+        last = [json.loads(line[6:]) for line in stream_body.decode().split("\n")
+                if line.startswith("data: {") and "timings" in line][-1]
+        plain, streamed = yield self.rows(2)
+        for row, timings in ((plain, upstream["timings"]), (streamed, last["timings"])):
+            self.assertEqual((row["model"], row["req_path"], row["resp_status_code"]),
+                             ("A", "/v1/chat/completions", 200))
+            self.assertEqual(row["tokens"]["input_tokens"], timings["prompt_n"])
+            self.assertEqual(row["tokens"]["output_tokens"], timings["predicted_n"])
+            self.assertAlmostEqual(row["tokens"]["tokens_per_second"], timings["predicted_per_second"])
+            self.assertAlmostEqual(row["tokens"]["prompt_per_second"], timings["prompt_per_second"])
+            self.assertGreaterEqual(row["duration_ms"], int(timings["prompt_ms"] + timings["predicted_ms"]))
+            self.assertTrue(row["has_capture"])
+        self.assertIn("text/event-stream", streamed["resp_content_type"])
+        _, body = yield self.get(f"/api/captures/{plain['id']}")
+        capture = json.loads(body)
+        self.assertEqual(json.loads(base64.b64decode(capture["req_body"])), {"model": "A"})
+        self.assertEqual(capture["req_headers"]["Authorization"], "[REDACTED]")
+        self.assertEqual(json.loads(base64.b64decode(capture["resp_body"]))["responseMessage"], "A")
+        response, _ = yield self.get("/api/captures/abc")
+        self.assertEqual(response.code, 400)
+        response, _ = yield self.get("/api/captures/99999")
+        self.assertEqual(response.code, 404)
+        _, body = yield self.get("/api/metrics/stats")
+        stats = json.loads(body)
+        self.assertEqual(stats["total_requests"], 2)
+        self.assertEqual(stats["total_input_tokens"], 50)
+        response, body = yield self.get("/api/metrics/activity?limit=0")
+        self.assertEqual((response.code, json.loads(body)["error"]["message"]),
+                         (400, "limit must be between 1 and 999"))
+        _, body = yield self.get("/api/captures")
+        self.assertEqual(json.loads(body)["count"], 2)
+
+    @defer.inlineCallbacks
+    def test_errors_are_recorded(self):
+        self.start(f"""
+            models:
+              bad: {{cmd: "{sys.executable} -c 'import sys; sys.exit(1)'", proxy: "http://127.0.0.1:1"}}
+        """)
+        response, _ = yield self.chat("bad")
+        self.assertEqual(response.code, 500)
+        (row,) = yield self.rows(1)
+        self.assertEqual(row["resp_status_code"], 500)
+        self.assertIn("upstream command exited prematurely", row["error_msg"])
+
+    @defer.inlineCallbacks
+    def test_activity_event(self):
+        self.start(AB)
+        seen = []
+        self.service.events.subscribe(lambda kind, data: seen.append(data) if kind == "activity" else None)
+        yield self.chat("A")
+        yield self.wait_for(lambda: seen)
+        self.assertEqual(seen, [{"id": 1}])

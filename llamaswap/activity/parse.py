@@ -145,7 +145,15 @@ def _usage_tokens(usage: Any) -> tuple[int, int, int, bool]:
 
 def _build_tokens(inp: int, out: int, cached: int, timings: Any, metrics: Any) -> Tokens:
     """Combine usage counts with llama-server ``timings`` and vLLM ``metrics``."""
-    tokens = Tokens(cached, -1, -1, inp, out, -1.0, -1.0)
+    tokens = Tokens(
+        cache_tokens=cached,
+        draft_tokens=-1,
+        draft_acc_tokens=-1,
+        input_tokens=inp,
+        output_tokens=out,
+        prompt_per_second=-1.0,
+        tokens_per_second=-1.0,
+    )
     if timings is not _MISSING:
         _apply_timings(tokens, timings)
     _apply_vllm_metrics(tokens, metrics)
@@ -248,12 +256,15 @@ class _Inflate:
         self._gzip = gzip
         self._head = b""  # deflate: bytes held until the wrapper can be told
         self._obj: Any = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
+        self._ended = False  # deflate stream complete: later bytes are ignored
 
     @property
     def pending(self) -> int:
         return len(self._head) + (len(self._obj.unconsumed_tail) if self._obj else 0)
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._ended:
+            return
         if self._obj is None:
             self._head += data
             if len(self._head) < 2:
@@ -289,7 +300,8 @@ class _Inflate:
                 if not data:
                     return
                 if not self._gzip:
-                    return  # trailing bytes after a deflate stream are ignored
+                    self._ended = True  # trailing bytes after a deflate stream are ignored
+                    return
                 self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)  # next gzip member
             elif not data and len(out) < _PIECE:
                 return
@@ -453,7 +465,8 @@ class ResponseParser:
     """Watches one upstream response body go by and extracts its token statistics.
 
     ``feed`` every body chunk as it is relayed, then call ``finish`` once.
-    ``status`` other than 200 switches to error-message mode: the (decoded)
+    ``max_buffer`` bounds both a buffered non-streaming body (larger: not
+    parsed) and any single SSE line (longer: dropped).  ``status`` other than 200 switches to error-message mode: the (decoded)
     body is buffered up to ``max_buffer`` and ``finish`` reports
     :func:`error_message` with all-zero tokens.
     """
@@ -518,6 +531,7 @@ class ResponseParser:
                 self._sink.feed(piece)
         except DecodeError as exc:
             self._error = exc
+            self._decoder, self._sink = _Identity(), _Buffer(0)  # release what was held
 
     def _failure_message(self) -> str:
         if self._error is not None:

@@ -20,6 +20,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from ..activity.captures import CaptureStore
+from ..activity.parse import filter_accept_encoding
+from ..activity.query import QueryError, parse_activity_query
+from ..activity.recorder import ActivityRecorder
+from ..activity.store import ActivityStore
 from ..config import Config, thaw
 from ..events import EventBus
 from ..inflight import InflightTracker
@@ -57,6 +62,12 @@ def header(request: IRequest, name: bytes) -> str:
     """A request header as text ("" when absent)."""
     value = request.getHeader(name)
     return value.decode("latin-1") if value else ""
+
+
+def header_out(request: IRequest, name: bytes) -> str:
+    """A response header already set, as text."""
+    values = request.responseHeaders.getRawHeaders(name)
+    return values[-1].decode("latin-1") if values else ""
 
 
 def query_flag(request: IRequest, name: bytes) -> bool:
@@ -137,7 +148,9 @@ class LlamaSwapApp:
     log = Logger()
 
     def __init__(self, runtime: Callable[[], object], clock=None, hub: Optional[LogHub] = None,
-                 events: Optional[EventBus] = None, inflight: Optional[InflightTracker] = None):
+                 events: Optional[EventBus] = None, inflight: Optional[InflightTracker] = None,
+                 activity: Optional[ActivityStore] = None, captures: Optional[CaptureStore] = None,
+                 wall: Callable[[], float] = time.time):
         self._runtime = runtime
         if clock is None:
             from twisted.internet import reactor as clock
@@ -146,6 +159,9 @@ class LlamaSwapApp:
         self.events = events if events is not None else EventBus()
         self.inflight = inflight if inflight is not None else InflightTracker(clock, self.events)
         self.streams: set = set()
+        self.activity = activity
+        self.captures = captures
+        self.wall = wall
 
     def close_streams(self) -> None:
         """End every open log tail and event stream (shutdown)."""
@@ -385,6 +401,40 @@ class LlamaSwapApp:
             return send_error(request, 404, "inflight request not found")
         return send_json(request, {"msg": "ok"})
 
+    # -- activity and captures -------------------------------------------------------------
+
+    @app.route("/api/metrics/activity", methods=["GET"])
+    async def metrics_activity(self, request: IRequest):
+        if self.activity is None:
+            return send_error(request, 503, "activity store unavailable")
+        try:
+            query = parse_activity_query(request.args)
+        except QueryError as e:
+            return send_error(request, 400, str(e))
+        has = self.captures.has if self.captures is not None else None
+        return send_json(request, await self.activity.query(query, has_capture=has))
+
+    @app.route("/api/metrics/stats", methods=["GET"])
+    async def metrics_stats(self, request: IRequest):
+        if self.activity is None:
+            return send_error(request, 503, "activity store unavailable")
+        model = (request.args.get(b"model") or [b""])[0].decode("utf-8", "replace") or None
+        return send_json(request, await self.activity.stats(model))
+
+    @app.route("/api/captures", methods=["GET"])
+    def captures_stats(self, request: IRequest) -> bytes:
+        stats = self.captures.stats() if self.captures is not None else {"count": 0, "max_bytes": 0}
+        return send_json(request, stats)
+
+    @app.route("/api/captures/<capture_id>", methods=["GET"])
+    def capture(self, request: IRequest, capture_id: str) -> bytes:
+        if not capture_id.isdigit():
+            return send_error(request, 400, "invalid capture ID")
+        capture = self.captures.get(int(capture_id)) if self.captures is not None else None
+        if capture is None:
+            return send_error(request, 404, "capture not found")
+        return send_json(request, capture.to_json())
+
     # -- model-dispatched routes ----------------------------------------------------------
 
     @app.route("/v1/chat/completions", methods=["POST"])
@@ -455,13 +505,44 @@ class LlamaSwapApp:
             model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
             {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
             client_ip(request), cancel=lambda: _abort(request))
+        recorder = self._recorder(request, model_id, upstream_path, body)
+        result = b""
         try:
             request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path)
-            return await self._serve(request, runtime, model_id, request_info, entry)
+            result = await self._serve(request, runtime, model_id, request_info, entry, recorder)
+            return result
         finally:
             self.inflight.remove(entry)
+            if recorder is not None:
+                recorder.own_response(request.code, header_out(request, b"content-type"), result or b"")
+                self._record(recorder)
 
-    async def _serve(self, request: IRequest, runtime, model_id: str, info: "_RequestInfo", entry):
+    def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes):
+        """An activity recorder for POSTs to model-dispatched paths (else None)."""
+        if self.activity is None or request.method != b"POST":
+            return None
+        path = request.path.decode("latin-1")
+        req_path = path if path in MODEL_ROUTES else upstream_path
+        if req_path not in MODEL_ROUTES:
+            return None
+        limit = self.captures.max_bytes if self.captures is not None and self.captures.enabled else 0
+        headers = {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()}
+        return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit)
+
+    def _record(self, recorder: ActivityRecorder) -> None:
+        entry = recorder.finish()
+
+        def stored(entry_id: int) -> None:
+            capture = recorder.capture(entry_id)
+            if capture is not None:
+                self.captures.add(capture)
+            self.events.publish("activity", {"id": entry_id})
+
+        self.activity.add(entry).addCallback(stored).addErrback(
+            lambda f: self.log.failure("recording activity failed", f))
+
+    async def _serve(self, request: IRequest, runtime, model_id: str, info: "_RequestInfo", entry,
+                     recorder: Optional[ActivityRecorder] = None):
         model = runtime.config.models[model_id]
         process = runtime.processes[model_id]
         streaming = bool(info.parsed and info.parsed.get("stream") is True) or b"stream=true" in info.query
@@ -501,14 +582,27 @@ class LlamaSwapApp:
                 "?" + info.query.decode("latin-1") if info.query else "")
             headers = upstream_headers(request.requestHeaders, client_ip(request),
                                        "https" if request.isSecure() else "http", request.getHeader(b"host"))
+            if recorder is not None:  # only encodings the activity parser can read
+                accepted = filter_accept_encoding(header(request, b"accept-encoding"))
+                if accepted:
+                    headers.setRawHeaders(b"accept-encoding", [accepted.encode("latin-1")])
+                else:
+                    headers.removeHeader(b"accept-encoding")
+
+            def on_chunk(data: bytes) -> None:
+                self.inflight.add_bytes(entry, len(data))
+                if recorder is not None:
+                    recorder.on_chunk(data)
+
+            def on_headers(response) -> None:
+                flat = {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in response.headers.getAllRawHeaders()}
+                self.inflight.response_headers(entry, flat)
+                if recorder is not None:
+                    recorder.on_headers(response.code, flat)
+
             try:
-                await forward(
-                    runtime.agent, request, url.encode(), body, headers,
-                    on_chunk=lambda data: self.inflight.add_bytes(entry, len(data)),
-                    on_headers=lambda response: self.inflight.response_headers(entry, {
-                        k.decode("latin-1"): v[-1].decode("latin-1")
-                        for k, v in response.headers.getAllRawHeaders()}),
-                    write_head=loading is None)
+                await forward(runtime.agent, request, url.encode(), body, headers,
+                              on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None)
             except UpstreamUnavailable as e:
                 if loading is not None or request.startedWriting:
                     return b""

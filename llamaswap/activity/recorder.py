@@ -1,0 +1,104 @@
+"""Records one metered request: tokens as the bytes pass, then a row and a capture.
+
+The proxy calls ``on_headers`` and ``on_chunk`` while it relays the response;
+``finish`` builds the :class:`ActivityEntry`.  The response body is kept only
+when a capture needs it (bounded by the capture store's size) and is
+decompressed for the capture, as llama-swap stores it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Mapping, Optional
+
+from .captures import CAPTURE_RESP_BODY, Capture, build_capture, capture_mask
+from .parse import ResponseParser, duration_ms
+from .store import ActivityEntry
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    encoding = encoding.lower().strip()
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return body
+    wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS
+    try:
+        return zlib.decompressobj(wbits).decompress(body, limit)
+    except zlib.error:
+        try:
+            return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, limit)
+        except zlib.error:
+            return body
+
+
+class ActivityRecorder:
+    def __init__(self, clock, wall, model: str, req_path: str, req_headers: Mapping[str, str],
+                 req_body: bytes, capture_limit: int = 0, metadata: Optional[dict] = None):
+        self.clock = clock
+        self.wall = wall
+        self.started = clock.seconds()
+        self.model = model
+        self.req_path = req_path
+        self.req_headers = dict(req_headers)
+        self.req_body = req_body
+        self.metadata = metadata
+        self.mask = capture_mask(req_path)
+        self.capture_limit = capture_limit
+        self.status: Optional[int] = None
+        self.content_type = ""
+        self.content_encoding = ""
+        self.resp_headers: dict = {}
+        self.parser: Optional[ResponseParser] = None
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.keep_body = bool(capture_limit) and bool(self.mask & CAPTURE_RESP_BODY)
+
+    def on_headers(self, status: int, headers: Mapping[str, str]) -> None:
+        self.status = status
+        self.resp_headers = dict(headers)
+        lower = {k.lower(): v for k, v in headers.items()}
+        self.content_type = lower.get("content-type", "")
+        self.content_encoding = lower.get("content-encoding", "")
+        self.parser = ResponseParser(self.content_type, self.content_encoding, self.req_path, status=status)
+
+    def on_chunk(self, data: bytes) -> None:
+        if self.parser is not None:
+            self.parser.feed(data)
+        if self.keep_body:
+            if self.body_bytes + len(data) > self.capture_limit:
+                self.keep_body = False  # larger than the whole store: no capture body
+                self.body, self.body_bytes = [], 0
+            else:
+                self.body.append(data)
+                self.body_bytes += len(data)
+
+    def own_response(self, status: int, content_type: str, body: bytes) -> None:
+        """The proxy answered itself (routing error, 502...): record that answer."""
+        if self.status is None:
+            self.on_headers(status, {"Content-Type": content_type})
+            self.on_chunk(body)
+
+    def finish(self) -> ActivityEntry:
+        tokens = None
+        error = None
+        if self.parser is not None:
+            result = self.parser.finish()
+            tokens, error = result.tokens, result.error_msg
+        wall_ms = int((self.clock.seconds() - self.started) * 1000)
+        entry = ActivityEntry(
+            timestamp=self.wall(), model=self.model, req_path=self.req_path,
+            resp_content_type=self.content_type, resp_status_code=self.status or 0,
+            duration_ms=duration_ms(wall_ms, tokens) if tokens is not None else wall_ms,
+            error_msg=error, metadata=self.metadata or None,
+        )
+        if tokens is not None:
+            entry.tokens = tokens
+        return entry
+
+    def capture(self, entry_id: int) -> Optional[Capture]:
+        if not self.capture_limit:
+            return None
+        body = None
+        if self.mask & CAPTURE_RESP_BODY and self.keep_body and self.status == 200:
+            body = _decompress(b"".join(self.body), self.content_encoding, self.capture_limit)
+        return build_capture(entry_id, self.req_path, self.req_headers, self.req_body,
+                             self.resp_headers, body)

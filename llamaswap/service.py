@@ -19,7 +19,10 @@ from twisted.internet import defer
 
 from .activity.captures import CaptureStore
 from .activity.store import ActivityStore
+from prometheus_client import CollectorRegistry
+
 from .config import Config, ConfigError, defaults, diff, load_config
+from .metrics import InferenceMetrics
 from .events import EventBus
 from . import logs
 from .inflight import InflightTracker
@@ -52,8 +55,12 @@ class LlamaSwapService(MultiService):
         self.runtime = Runtime(reactor, config, self.upstream_log, registry, events=self.events)
         self.activity = ActivityStore(reactor, config.store_path, config.metrics_max_in_memory)
         self.captures = CaptureStore(config.capture_buffer * 1024 * 1024)
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        self.metrics = InferenceMetrics(self.prometheus, lambda: self.runtime, self.events, reactor)
+        self.perf = None
         self.api = LlamaSwapApp(lambda: self.runtime, reactor, hub=self.hub, events=self.events,
-                                inflight=self.inflight, activity=self.activity, captures=self.captures)
+                                inflight=self.inflight, activity=self.activity, captures=self.captures,
+                                metrics=self.metrics, registry=self.prometheus, perf=self.perf)
         self._reloading = False
         self._observing = False
 

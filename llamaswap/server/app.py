@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from urllib.parse import unquote
 
 from klein import Klein
+from prometheus_client import generate_latest
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -29,6 +30,7 @@ from ..config import Config, thaw
 from ..events import EventBus
 from ..inflight import InflightTracker
 from ..logs import LogHub
+from ..metrics import InferenceMetrics
 from ..process import ProcessState
 from ..proxy.filters import (
     apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
@@ -150,7 +152,8 @@ class LlamaSwapApp:
     def __init__(self, runtime: Callable[[], object], clock=None, hub: Optional[LogHub] = None,
                  events: Optional[EventBus] = None, inflight: Optional[InflightTracker] = None,
                  activity: Optional[ActivityStore] = None, captures: Optional[CaptureStore] = None,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, metrics: Optional[InferenceMetrics] = None,
+                 registry=None, perf=None):
         self._runtime = runtime
         if clock is None:
             from twisted.internet import reactor as clock
@@ -162,6 +165,9 @@ class LlamaSwapApp:
         self.activity = activity
         self.captures = captures
         self.wall = wall
+        self.metrics = metrics
+        self.registry = registry
+        self.perf = perf
 
     def close_streams(self) -> None:
         """End every open log tail and event stream (shutdown)."""
@@ -401,6 +407,19 @@ class LlamaSwapApp:
             return send_error(request, 404, "inflight request not found")
         return send_json(request, {"msg": "ok"})
 
+    # -- Prometheus ------------------------------------------------------------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus(self, request: IRequest) -> bytes:
+        if self.registry is None or self.perf is None:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"# performance monitor not available\n"
+        body = generate_latest(self.registry)
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        request.setHeader(b"content-length", str(len(body)).encode())
+        return body
+
     # -- activity and captures -------------------------------------------------------------
 
     @app.route("/api/metrics/activity", methods=["GET"])
@@ -506,6 +525,7 @@ class LlamaSwapApp:
             {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
             client_ip(request), cancel=lambda: _abort(request))
         recorder = self._recorder(request, model_id, upstream_path, body)
+        request.llamaswap_model = model_id
         result = b""
         try:
             request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path)
@@ -516,6 +536,9 @@ class LlamaSwapApp:
             if recorder is not None:
                 recorder.own_response(request.code, header_out(request, b"content-type"), result or b"")
                 self._record(recorder)
+            if self.metrics is not None:
+                self.metrics.request_done(model_id, request.path.decode("latin-1"), request.code,
+                                          self.clock.seconds() - request.llamaswap_started)
 
     def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes):
         """An activity recorder for POSTs to model-dispatched paths (else None)."""
@@ -531,6 +554,8 @@ class LlamaSwapApp:
 
     def _record(self, recorder: ActivityRecorder) -> None:
         entry = recorder.finish()
+        if self.metrics is not None:
+            self.metrics.count_tokens(entry.model, entry.tokens)
 
         def stored(entry_id: int) -> None:
             capture = recorder.capture(entry_id)
@@ -565,6 +590,8 @@ class LlamaSwapApp:
             wait = runtime.router.request(model_id)
         try:
             grant = await wait
+            if self.metrics is not None:
+                self.metrics.waited(model_id, self.clock.seconds() - request.llamaswap_started)
         except RoutingError as e:
             if loading is not None:
                 loading.failed(render_error(e.status, e.message, None, e.code)[1])
@@ -597,6 +624,8 @@ class LlamaSwapApp:
             def on_headers(response) -> None:
                 flat = {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in response.headers.getAllRawHeaders()}
                 self.inflight.response_headers(entry, flat)
+                if self.metrics is not None:
+                    self.metrics.first_byte(model_id, self.clock.seconds() - request.llamaswap_started)
                 if recorder is not None:
                     recorder.on_headers(response.code, flat)
 

@@ -6,7 +6,7 @@ raises is dropped and logged, never breaking the publisher.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Optional
 
 from twisted.logger import Logger
 
@@ -17,22 +17,31 @@ class EventBus:
     log = Logger()
 
     def __init__(self) -> None:
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, Optional[frozenset]]] = []
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
+    def subscribe(self, listener: Listener, kinds: Optional[Iterable[str]] = None) -> Callable[[], None]:
+        """Call ``listener(kind, data)`` for every event (or only ``kinds``)."""
+        entry = (listener, frozenset(kinds) if kinds is not None else None)
+        self._listeners.append(entry)
 
         def unsubscribe() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
+            if entry in self._listeners:
+                self._listeners.remove(entry)
 
         return unsubscribe
 
+    def wants(self, kind: str) -> bool:
+        """Whether anyone listens to ``kind`` (so a costly payload is worth building)."""
+        return any(kinds is None or kind in kinds for _, kinds in self._listeners)
+
     def publish(self, kind: str, data: Any = None) -> None:
-        for listener in list(self._listeners):
+        for entry in list(self._listeners):
+            listener, kinds = entry
+            if kinds is not None and kind not in kinds:
+                continue
             try:
                 listener(kind, data)
             except Exception:
                 self.log.failure("event listener failed; removed")
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
+                if entry in self._listeners:
+                    self._listeners.remove(entry)

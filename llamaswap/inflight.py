@@ -76,7 +76,8 @@ class InflightTracker:
 
     def _upsert(self, entry: InflightEntry) -> None:
         entry.last_upsert = self.clock.seconds()
-        self.events.publish("inflight", {"operation": "upsert", "request": self._json(entry)})
+        if self.events.wants("inflight"):
+            self.events.publish("inflight", {"operation": "upsert", "request": self._json(entry)})
 
     def response_headers(self, entry: InflightEntry, headers: dict) -> None:
         entry.resp_headers = redact(headers)

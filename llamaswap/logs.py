@@ -103,6 +103,11 @@ class LogHub:
             except (OSError, ValueError):
                 pass
 
+    def info(self, message: str) -> None:
+        """A proxy INFO line written straight to the proxy log (hot paths)."""
+        if self.level <= 1:
+            self.proxy.write(self.line(1, message))
+
     def line(self, level: int, message: str, when: Optional[float] = None) -> bytes:
         stamp = format_time(self.time_format, time.time() if when is None else when)
         return f"{stamp + ' ' if stamp else ''}[{_NAMES[level]}] {message}\n".encode("utf-8", "replace")

@@ -70,7 +70,7 @@ class InferenceMetrics:
                                     buckets=LATENCY_BUCKETS, registry=registry)
         registry.register(_LiveGauges(runtime))
         self._starting: dict[str, float] = {}
-        events.subscribe(self._on_event)
+        events.subscribe(self._on_event, kinds=("swap", "modelStatus"))
 
     def _on_event(self, kind: str, data) -> None:
         if kind == "swap":

@@ -114,6 +114,8 @@ class LlamaSwapService(MultiService):
                 lambda f: self.log.failure("stopping the old config's models failed", f))
             if self.running:
                 self.runtime.preload()
+            self.events.publish("configReloaded", {"added": sorted(change.added), "removed": sorted(change.removed),
+                                                   "changed": sorted(change.changed)})
             self.log.info(
                 "config reloaded: added={added} removed={removed} changed={changed}",
                 added=sorted(change.added), removed=sorted(change.removed), changed=sorted(change.changed),

@@ -486,3 +486,29 @@ class RouteTests(Harness):
         self.assertEqual(json.loads(body)["path"], "/v1/tasks/run")
         response, body = yield self.post("/v/nothing", {"model": "A"})
         self.assertEqual(response.code, 404)
+
+
+class ReloadTests(Harness):
+    @defer.inlineCallbacks
+    def test_watch_config_reload(self):
+        from llamaswap.service import ConfigWatcher
+
+        path = self.mktemp()
+        text = f"startPort: {free_port()}\n" + textwrap.dedent(AB)
+        with open(path, "w") as f:
+            f.write(text)
+        self.start(AB)
+        self.service.config_path = path
+        watcher = ConfigWatcher(self.service, interval=0.2)
+        watcher.setServiceParent(self.service)
+        yield self.chat("A")
+        pid = self.runtime.processes["A"].pid
+        with open(path, "w") as f:
+            f.write(text + f"  C: {{cmd: \"{responder('--respond C')}\"}}\n")
+        yield self.wait_for(lambda: "C" in self.service.config.models)
+        yield self.wait_for(lambda: not pid_alive(pid))
+        _, body = yield self.get("/v1/models")
+        self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["A", "B", "C"])
+        self.assertEqual((yield self.running()), {})
+        response, body = yield self.chat("C")
+        self.assertEqual(json.loads(body)["responseMessage"], "C")

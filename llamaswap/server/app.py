@@ -389,7 +389,7 @@ class LlamaSwapApp:
         stream.write(sse("inflight", self.inflight.snapshot()))
 
         def on_event(kind: str, data) -> None:
-            if kind == "modelStatus":
+            if kind in ("modelStatus", "configReloaded"):
                 stream.write(sse("modelStatus", self.model_status()))
             elif kind in ("inflight", "activity", "profileChanged"):
                 stream.write(sse(kind, data))

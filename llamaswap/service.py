@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from .config import Config, ConfigError, defaults, diff, load_config
 from .metrics import InferenceMetrics
+from .perf import PerfMonitor, SystemCollector
 from .events import EventBus
 from . import logs
 from .inflight import InflightTracker
@@ -57,7 +58,9 @@ class LlamaSwapService(MultiService):
         self.captures = CaptureStore(config.capture_buffer * 1024 * 1024)
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.metrics = InferenceMetrics(self.prometheus, lambda: self.runtime, self.events, reactor)
-        self.perf = None
+        self.perf = None if config.performance.disabled else PerfMonitor(reactor, config.performance.every)
+        if self.perf is not None:
+            self.prometheus.register(SystemCollector(self.perf))
         self.api = LlamaSwapApp(lambda: self.runtime, reactor, hub=self.hub, events=self.events,
                                 inflight=self.inflight, activity=self.activity, captures=self.captures,
                                 metrics=self.metrics, registry=self.prometheus, perf=self.perf)
@@ -81,6 +84,8 @@ class LlamaSwapService(MultiService):
         self.log.info("llamaswap: {n} model(s) configured: {models}",
                       n=len(self.config.models), models=", ".join(sorted(self.config.models)) or "-")
         self.activity.start().addErrback(lambda f: self.log.failure("cannot open the activity store", f))
+        if self.perf is not None:
+            self.perf.start()
         super().startService()
         self.runtime.preload()
 
@@ -91,6 +96,8 @@ class LlamaSwapService(MultiService):
         yield defer.maybeDeferred(super().stopService)
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
         yield self.activity.close()
+        if self.perf is not None:
+            yield self.perf.stop()
         if self._observing:
             globalLogPublisher.removeObserver(self.hub)
             self._observing = False

@@ -219,3 +219,60 @@ class ActivityEndpointTests(Harness):
         yield self.chat("A")
         yield self.wait_for(lambda: seen)
         self.assertEqual(seen, [{"id": 1}])
+
+
+class PrometheusTests(Harness):
+    @defer.inlineCallbacks
+    def test_metrics_after_requests(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.start(AB)
+        for model in "ABA":
+            yield self.chat(model)
+        yield self.post("/v1/chat/completions", {"model": "A", "stream": True})
+        yield self.wait_for(lambda: self.get("/api/metrics/activity").addCallback(
+            lambda rb: len(json.loads(rb[1])["data"]) >= 4))
+        response, body = yield self.get("/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertIn("text/plain; version=0.0.4", response.headers.getRawHeaders("content-type")[0])
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+        def value(family, suffix="", **labels):
+            return sum(s.value for s in families[family].samples
+                       if s.name == family + suffix and all(s.labels.get(k) == v for k, v in labels.items()))
+
+        self.assertEqual(value("llamaswap_requests", "_total", model="A", status="200"), 3)
+        self.assertEqual(value("llamaswap_requests", "_total", model="B"), 1)
+        self.assertEqual(value("llamaswap_model_loads", "_total", model="A"), 2)
+        self.assertEqual(value("llamaswap_model_loads", "_total", model="B"), 1)
+        self.assertEqual(value("llamaswap_swaps", "_total"), 3)
+        self.assertEqual(value("llamaswap_tokens", "_total", model="A", kind="input"), 75)
+        self.assertEqual(value("llamaswap_tokens", "_total", model="A", kind="output"), 30)
+        self.assertEqual(value("llamaswap_request_duration_seconds", "_count", model="A"), 3)
+        self.assertEqual(value("llamaswap_time_to_first_byte_seconds", "_count", model="B"), 1)
+        self.assertEqual(value("llamaswap_model_load_duration_seconds", "_count", model="A"), 2)
+        self.assertEqual(value("llamaswap_queue_wait_seconds", "_count", model="A"), 3)
+        self.assertEqual(value("llamaswap_model_state", model="A", state="ready"), 1)
+        self.assertEqual(value("llamaswap_model_state", model="B", state="stopped"), 1)
+        self.assertEqual(value("llamaswap_queue_depth", model="A"), 0)
+        self.assertEqual(value("llamaswap_inflight_requests", model="A"), 0)
+
+    @defer.inlineCallbacks
+    def test_performance_api(self):
+        self.start(AB)
+        response, body = yield self.get("/api/performance")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body), {"enabled": True, "sys_stats": [], "gpu_stats": []})
+        response, body = yield self.get("/api/performance?after=yesterday")
+        self.assertEqual((response.code, json.loads(body)["error"]["message"]),
+                         (400, "invalid 'after' timestamp, use RFC3339 format"))
+        response, body = yield self.get("/api/performance?after=2026-01-01T00:00:00Z")
+        self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_disabled(self):
+        self.start(AB + "    performance: {disabled: true}\n")
+        response, body = yield self.get("/api/performance")
+        self.assertEqual((response.code, json.loads(body)), (503, {"enabled": False}))
+        response, body = yield self.get("/metrics")
+        self.assertEqual((response.code, body), (503, b"# performance monitor not available\n"))

@@ -102,12 +102,15 @@ class PerfMonitor:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        busy = self._busy
         waiting: Deferred = Deferred()
-        if busy is None:
+        if self._busy is None:
             waiting.callback(None)
         else:
-            busy.addBoth(lambda result: (waiting.callback(None), result)[1])
+            def release(result: Any) -> Any:
+                waiting.callback(None)
+                return result
+
+            self._busy.addBoth(release)
         return waiting.addCallback(lambda _: self._close_source())
 
     def _close_source(self) -> Deferred:

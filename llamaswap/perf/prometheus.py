@@ -89,8 +89,8 @@ def _system_families(stat: SysStat) -> Iterator[Metric]:
     for name, doc, value in _SYS_GAUGES:
         yield GaugeMetricFamily(name, doc, value=value(stat))
     load = GaugeMetricFamily(*_LOAD, labels=["interval"])
-    for interval, value in (("1m", stat.load_avg_1), ("5m", stat.load_avg_5), ("15m", stat.load_avg_15)):
-        load.add_metric([interval], value)
+    for interval, average in (("1m", stat.load_avg_1), ("5m", stat.load_avg_5), ("15m", stat.load_avg_15)):
+        load.add_metric([interval], average)
     yield load
     if stat.net_io:
         net = CounterMetricFamily(*_NET, labels=["interface", "direction"])

@@ -15,7 +15,6 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from types import ModuleType
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import psutil
@@ -212,7 +211,7 @@ class SystemReader:
             swap_total, swap_used = swap.total // MB, swap.used // MB
         except (OSError, RuntimeError):
             pass
-        load = (0.0, 0.0, 0.0)
+        load: tuple[float, ...] = (0.0, 0.0, 0.0)
         try:
             load = tuple(float(x) for x in ps.getloadavg())
         except (OSError, AttributeError, RuntimeError):
@@ -442,7 +441,7 @@ class NvmlSource:
 
     name = "nvml"
 
-    def __init__(self, nvml: Optional[ModuleType] = None,
+    def __init__(self, nvml: Any = None,
                  run_blocking: RunBlocking = deferToThread) -> None:
         self._nvml: Any = nvml
         self._run_blocking = run_blocking
@@ -572,7 +571,7 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def detect_gpu_source(reactor: Any, *, nvml: Optional[ModuleType] = None,
+def detect_gpu_source(reactor: Any, *, nvml: Any = None,
                       which: Callable[[str], Optional[str]] = shutil.which,
                       run_blocking: RunBlocking = deferToThread) -> Deferred:
     """

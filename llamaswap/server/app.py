@@ -31,6 +31,7 @@ from ..events import EventBus
 from ..inflight import InflightTracker
 from ..logs import LogHub
 from ..metrics import InferenceMetrics
+from ..perf.monitor import INVALID_AFTER, parse_after
 from ..process import ProcessState
 from ..proxy.filters import (
     apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
@@ -419,6 +420,19 @@ class LlamaSwapApp:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         request.setHeader(b"content-length", str(len(body)).encode())
         return body
+
+    @app.route("/api/performance", methods=["GET"])
+    def performance(self, request: IRequest) -> bytes:
+        if self.perf is None:
+            return send_json(request, {"enabled": False}, 503)
+        after = None
+        raw = request.args.get(b"after")
+        if raw:
+            try:
+                after = parse_after(raw[0].decode("utf-8", "replace"))
+            except ValueError:
+                return send_error(request, 400, INVALID_AFTER)
+        return send_json(request, self.perf.snapshot(after))
 
     # -- activity and captures -------------------------------------------------------------
 

@@ -7,12 +7,12 @@ and a ``remove`` when it ends.  ``cancel(id)`` aborts a request.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import time
 from typing import Callable, Optional
 
 from .events import EventBus
+from .timefmt import format_rfc3339
 
 UPSERT_INTERVAL = 0.25
 SENSITIVE = {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
@@ -41,8 +41,7 @@ class InflightEntry:
     def to_json(self, now: float, wall_started: float) -> dict:
         out = {
             "id": self.id,
-            "timestamp": datetime.datetime.fromtimestamp(wall_started, datetime.timezone.utc)
-            .isoformat().replace("+00:00", "Z"),
+            "timestamp": format_rfc3339(wall_started),
             "model": self.model, "req_path": self.path, "method": self.method,
             "req_headers": self.headers, "remote_ip": self.remote_ip,
             "resp_headers": self.resp_headers, "resp_bytes": self.resp_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from twisted.python import usage
 
@@ -11,7 +12,7 @@ from .config import ConfigError, defaults, load_config
 from .listen import ListenError, check_endpoint, to_endpoint
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print a clean error on stderr and exit (no traceback, no usage dump)."""
     sys.stderr.write(message.rstrip("\n") + "\n")
     sys.stderr.flush()

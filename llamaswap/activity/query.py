@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping, Sequence
+
+from ..timefmt import parse_rfc3339
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -43,9 +44,6 @@ SORT_COLUMNS: Mapping[str, str] = {
     "duration": "duration_ms",
 }
 
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:(Z)|([+-])(\d{2}):(\d{2}))\Z"
-)
 _INTEGER = re.compile(r"[+-]?[0-9]{1,19}\Z")
 _INT64_MAX = 2**63 - 1
 
@@ -116,25 +114,6 @@ def where_clause(
     if not conditions:
         return "", []
     return " WHERE " + " AND ".join(conditions), params
-
-
-def parse_rfc3339(text: str) -> datetime:
-    """Parse an RFC 3339 timestamp (``Z`` or ``±hh:mm``, optional fraction)."""
-    match = _RFC3339.match(text)
-    if match is None:
-        raise ValueError(f"not RFC3339: {text!r}")
-    year, month, day, hour, minute, second = (int(g) for g in match.group(1, 2, 3, 4, 5, 6))
-    fraction = match.group(7) or ""
-    micros = int((fraction + "000000")[:6])
-    offset = timedelta(0)
-    if match.group(8) is None:
-        hours, minutes = int(match.group(10)), int(match.group(11))
-        if hours > 23 or minutes > 59:
-            raise ValueError(f"bad offset in {text!r}")
-        offset = timedelta(hours=hours, minutes=minutes)
-        if match.group(9) == "-":
-            offset = -offset
-    return datetime(year, month, day, hour, minute, second, micros, timezone(offset))
 
 
 def parse_activity_query(args: Mapping[Any, Sequence[Any]]) -> ActivityQuery:

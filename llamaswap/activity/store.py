@@ -20,7 +20,6 @@ import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ..timefmt import format_rfc3339
 from .parse import Tokens
 from .query import ActivityQuery, where_clause
 
@@ -76,18 +76,8 @@ _SPEEDS = "SELECT prompt_per_second, tokens_per_second FROM activity"
 
 
 def rfc3339(ts: float) -> str:
-    """Go's ``time.Time`` JSON form in local time: fraction trimmed, ``Z`` for UTC."""
-    moment = datetime.fromtimestamp(ts, timezone.utc).astimezone()
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    fraction = f"{moment.microsecond:06d}".rstrip("0")
-    if fraction:
-        text += "." + fraction
-    offset = moment.utcoffset()
-    minutes = int(offset.total_seconds() // 60) if offset else 0
-    if minutes == 0:
-        return text + "Z"
-    sign = "+" if minutes > 0 else "-"
-    return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    """Go's ``time.Time`` JSON form in local time (see :mod:`llamaswap.timefmt`)."""
+    return format_rfc3339(ts)
 
 
 @dataclass

@@ -26,6 +26,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..timefmt import format_rfc3339
+
 __all__ = [
     "MB",
     "NVIDIA_SMI_ARGS",
@@ -60,22 +62,6 @@ T = TypeVar("T")
 #: Deferred; ``deferToThread`` in production, a synchronous shim in tests.
 RunBlocking = Callable[..., Deferred]
 
-
-def format_rfc3339(moment: datetime) -> str:
-    """Go's ``time.Time`` JSON form: local time, trailing fraction zeros trimmed, ``Z`` for UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    local = moment.astimezone()
-    text = local.strftime("%Y-%m-%dT%H:%M:%S")
-    fraction = f"{local.microsecond:06d}".rstrip("0")
-    if fraction:
-        text += "." + fraction
-    offset = local.utcoffset()
-    minutes = int(offset.total_seconds() // 60) if offset else 0
-    if minutes == 0:
-        return text + "Z"
-    sign = "+" if minutes > 0 else "-"
-    return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def _utcnow() -> datetime:

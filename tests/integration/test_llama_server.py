@@ -211,7 +211,8 @@ class LlamaServerTests(Harness):
         plain_timings = json.loads(body)["timings"]
         response, body = yield self.post("/v1/chat/completions", dict(CHAT, model="one", stream=True))
         self.assertEqual(response.code, 200, body)
-        stream_timings = [json.loads(e) for e in sse_data(body) if e.startswith("{") and '"timings"' in e][-1]["timings"]
+        chunks = [json.loads(e) for e in sse_data(body) if e.startswith("{")]
+        stream_timings = [c for c in chunks if "timings" in c][-1]["timings"]
         plain, streamed = yield self.rows(2)
         for row, timings in ((plain, plain_timings), (streamed, stream_timings)):
             self.assertEqual((row["model"], row["req_path"], row["resp_status_code"]),

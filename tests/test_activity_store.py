@@ -10,7 +10,7 @@ import threading
 from typing import Any, Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap.activity.parse import Tokens
@@ -592,3 +592,29 @@ class HistogramTests(SynchronousTestCase):
         self.assertAlmostEqual(data["p50"], (2.5 + 4.0) / 2)
         self.assertAlmostEqual(data["p95"], 4.0 + 0.85 * 6.0)
         self.assertTrue(math.isclose(data["binSize"], 9.0 / 5))
+
+
+class BatchTests(StoreTestMixin, TestCase):
+    @inlineCallbacks
+    def test_burst_is_written_in_batches_in_order(self):
+        store = yield self.open_store(max_in_memory=30)
+        jobs = []
+        real_call = store._call
+        store._call = lambda job: (jobs.append(job), real_call(job))[1]
+        ids = yield gatherResults([store.add(entry(i)) for i in range(1, 51)])
+        self.assertEqual(ids, list(range(1, 51)))
+        self.assertLess(len(jobs), 10)  # one thread hop per batch, not per row
+        page = yield store.query(parse_activity_query(args(limit="100")))
+        self.assertEqual(page["total"], 30)  # pruned once per batch, still to the bound
+
+    @inlineCallbacks
+    def test_close_writes_what_was_added(self):
+        path = self.mktemp()
+        store = ActivityStore(reactor, path)
+        yield store.start()
+        adds = [store.add(entry(i)) for i in range(1, 6)]
+        yield store.close()
+        self.assertEqual((yield gatherResults(adds)), [1, 2, 3, 4, 5])
+        reopened = yield self.open_store(path)
+        page = yield reopened.query(parse_activity_query(args()))
+        self.assertEqual(page["total"], 5)

@@ -199,11 +199,25 @@ def _open(path: str | None) -> sqlite3.Connection:
 
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...], keep: int | None) -> int:
-    ident = conn.execute(_INSERT, row).lastrowid
-    if keep is not None:
-        conn.execute(_PRUNE, (keep,))
-    assert ident is not None
-    return ident
+    return _insert_many(conn, [row], keep)[0]
+
+
+def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], keep: int | None) -> list[int]:
+    """Insert rows in order, in one transaction; prune once afterwards."""
+    idents = []
+    conn.execute("BEGIN")
+    try:
+        for row in rows:
+            ident = conn.execute(_INSERT, row).lastrowid
+            assert ident is not None
+            idents.append(ident)
+        if keep is not None:
+            conn.execute(_PRUNE, (keep,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return idents
 
 
 def _list(conn: sqlite3.Connection, q: ActivityQuery) -> tuple[list[ActivityEntry], int]:
@@ -263,6 +277,8 @@ class ActivityStore:
         self._conn: sqlite3.Connection | None = None  # touched only by the worker thread
         self._shutdown_trigger: Any = None
         self._close_waiters: list[Deferred[None]] = []
+        self._pending: list[tuple[tuple[Any, ...], Deferred[int]]] = []
+        self._writing = False
 
     @property
     def in_memory(self) -> bool:
@@ -284,10 +300,46 @@ class ActivityStore:
         return self._call(self._open_job).addErrback(failed)
 
     def add(self, entry: ActivityEntry) -> Deferred[int]:
-        """Insert ``entry`` (prune the in-memory store); fires with the new id."""
+        """Insert ``entry`` (prune the in-memory store); fires with the new id.
+
+        Rows added while a write is under way go together in the next one, so
+        a busy proxy makes one thread hop per batch, not per request.
+        """
+        if self._pool is None or self._close_waiters:
+            return fail(RuntimeError("activity store is not running"))
+        d: Deferred[int] = Deferred()
+        self._pending.append((entry.to_row(), d))
+        if not self._writing:
+            self._write_pending()
+        return d
+
+    def _write_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self._writing = True
         keep = self.max_in_memory if self.in_memory else None
-        row = entry.to_row()
-        return self._call(lambda: _insert(self._connection(), row, keep))
+        rows = [row for row, _ in batch]
+
+        def written(idents: list[int]) -> None:
+            for (_, d), ident in zip(batch, idents):
+                d.callback(ident)
+
+        def failed(reason: Failure) -> None:
+            for _, d in batch:
+                d.errback(reason)
+
+        def next_batch(_: object) -> None:
+            self._writing = False
+            if self._close_waiters:  # closing: rows added too late are refused
+                late, self._pending = self._pending, []
+                for _, d in late:
+                    d.errback(RuntimeError("activity store is not running"))
+                return
+            self._write_pending()
+
+        self._call(lambda: _insert_many(self._connection(), rows, keep)).addCallbacks(
+            written, failed).addBoth(next_batch)
 
     def query(self, q: ActivityQuery, has_capture: HasCapture | None = None) -> Deferred[dict[str, Any]]:
         """One page: ``{"data", "page", "limit", "total", "total_pages"}``."""
@@ -317,6 +369,8 @@ class ActivityStore:
         if self._pool is None:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
+        if not self._close_waiters and self._pending:
+            self._write_pending()  # queued ahead of the close job: nothing added is lost
         self._close_waiters.append(waiter)
         if len(self._close_waiters) == 1:
             d = deferToThreadPool(self._reactor, self._pool, self._close_job)

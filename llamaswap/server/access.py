@@ -11,6 +11,7 @@ from twisted.web import http
 from twisted.web.server import Request, Site
 
 from .. import logs
+from ..httpclient import no_delay
 
 SKIPPED = (b"/wol-health", b"/api/performance", b"/metrics")
 
@@ -62,6 +63,17 @@ class AccessLogSite(Site):
         super().__init__(resource, **kw)
         self.clock = clock
         install_fast_content_type()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        make = protocol.makeConnection
+
+        def make_connection(transport) -> None:
+            no_delay(transport)
+            make(transport)
+
+        protocol.makeConnection = make_connection
+        return protocol
 
     def log(self, request) -> None:
         if request.path in SKIPPED:

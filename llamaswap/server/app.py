@@ -645,7 +645,8 @@ class LlamaSwapApp:
 
             try:
                 await forward(runtime.agent, request, url.encode(), body, headers,
-                              on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None)
+                              on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None,
+                              clock=self.clock)
             except UpstreamUnavailable as e:
                 if loading is not None or request.startedWriting:
                     return b""

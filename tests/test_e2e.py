@@ -358,7 +358,7 @@ class LifecycleTests(Harness):
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
         text = body.decode()
-        self.assertTrue(text.startswith('data: {"choices": [{"delta": {"reasoning_content": "━━━━━"}}]}'))
+        self.assertTrue(text.startswith('data: {"choices":[{"delta":{"reasoning_content":"━━━━━"}}]}'))
         self.assertIn("llama-swap loading model: A", text)
         self.assertIn("Done! (", text)
         self.assertTrue(text.rstrip().endswith("data: [DONE]"))

@@ -18,7 +18,7 @@ TICK = 0.75
 
 def loading_event(text: str) -> bytes:
     payload = {"choices": [{"delta": {"reasoning_content": text}}]}
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 class LoadingStream:

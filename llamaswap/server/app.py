@@ -91,7 +91,7 @@ def send_error(request: IRequest, status: int, message: str, code: Optional[str]
 
 
 def send_json(request: IRequest, obj, status: int = 200) -> bytes:
-    body = json.dumps(obj).encode()
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", str(len(body)).encode())
@@ -366,7 +366,8 @@ class LlamaSwapApp:
 
     @staticmethod
     def sse(kind: str, payload) -> bytes:
-        envelope = json.dumps({"type": kind, "data": json.dumps(payload)})
+        envelope = json.dumps({"type": kind, "data": json.dumps(payload, separators=(",", ":"))},
+                              separators=(",", ":"))
         return b"event:message\ndata:" + envelope.encode() + b"\n\n"
 
     @app.route("/api/events", methods=["GET"])
@@ -667,7 +668,8 @@ class LlamaSwapApp:
         if not filters_active(requested, model.filters, model.use_model_name):
             return body
         if parsed is not None:
-            return json.dumps(apply_json_filters(parsed, requested, model.filters, model.use_model_name)).encode()
+            filtered = apply_json_filters(parsed, requested, model.filters, model.use_model_name)
+            return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False).encode()
         if "multipart/form-data" in ctype.lower() and model.use_model_name:
             return rewrite_multipart_model(body, ctype, model.use_model_name)
         return body

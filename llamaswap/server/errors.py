@@ -43,4 +43,4 @@ def render_error(
     kind, default_code = error_type(status)
     body = {"src": "llama-swap",
             "error": {"message": message, "type": kind, "param": None, "code": code or default_code}}
-    return b"application/json", json.dumps(body).encode()
+    return b"application/json", json.dumps(body, separators=(",", ":")).encode()

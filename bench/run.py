@@ -159,21 +159,34 @@ def bench_latency(n: int = 1000):
     yield proxy.start()
     yield warm(proxy)
     direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    import subprocess
+
+    bare_port = free_port()
+    bare_proc = subprocess.Popen([PY, os.path.join(ROOT, "bench", "bare_proxy.py"), str(bare_port),
+                                  f"http://127.0.0.1:{port}"], cwd=ROOT)
+    yield task.deferLater(reactor, 1.5, lambda: None)
+    bare_url = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
     client = Client(per_host=2)
-    direct, through = [], []
+    direct, through, bare = [], [], []
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     for i in range(n):
         d, _, _ = yield client.post(direct_url, body)
         p, _, _ = yield client.post(proxy.url + "/v1/chat/completions", body)
+        b, _, _ = yield client.post(bare_url, body)
         if i >= 50:
             direct.append(d)
             through.append(p)
+            bare.append(b)
+    bare_proc.terminate()
+    bare_proc.wait()
     added50 = (pct(through, 50) - pct(direct, 50)) * 1000
     added99 = (pct(through, 99) - pct(direct, 99)) * 1000
     report("p50 latency (ms)", f"{pct(direct, 50) * 1000:.3f}", f"{pct(through, 50) * 1000:.3f}",
            f"added {added50:.3f} ms (target < 1 ms)")
     report("p99 latency (ms)", f"{pct(direct, 99) * 1000:.3f}", f"{pct(through, 99) * 1000:.3f}",
            f"added {added99:.3f} ms (target < 5 ms)")
+    report("  bare Twisted forwarder p50 (ms)", f"{pct(direct, 50) * 1000:.3f}", f"{pct(bare, 50) * 1000:.3f}",
+           f"Site + Agent alone add {(pct(bare, 50) - pct(direct, 50)) * 1000:.3f} ms")
     yield client.pool.closeCachedConnections()
     proxy.stop()
 

@@ -72,19 +72,15 @@ class Problems:
             raise ConfigError(self.main_source, ordered)
 
 
+_TYPE_NAMES = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (list, "a list"), (dict, "a mapping"))
+
+
 def type_name(value: Any) -> str:
+    """How an error message names a YAML value's type."""
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
+    for kind, name in _TYPE_NAMES:  # bool before int: True is an int too
+        if isinstance(value, kind):
+            return name
     return type(value).__name__

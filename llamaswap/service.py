@@ -66,6 +66,7 @@ class LlamaSwapService(MultiService):
                                 metrics=self.metrics, registry=self.prometheus, perf=self.perf)
         self._reloading = False
         self._observing = False
+        self._retiring: set = set()  # shutdowns of runtimes replaced by a reload
 
     @property
     def config(self) -> Config:
@@ -95,6 +96,8 @@ class LlamaSwapService(MultiService):
         self.api.close_streams()
         yield defer.maybeDeferred(super().stopService)
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
+        if self._retiring:
+            yield defer.gatherResults(list(self._retiring), consumeErrors=True)
         yield self.activity.close()
         if self.perf is not None:
             yield self.perf.stop()
@@ -103,8 +106,12 @@ class LlamaSwapService(MultiService):
             self._observing = False
 
     def reload(self) -> bool:
-        """Load the config again; on error keep the old one.  True if applied."""
-        if self._reloading:
+        """Load the config again; on error keep the old one.  True if applied.
+
+        As llama-swap, every model of the old config is stopped; the new
+        config's models start only once that is done (ports, GPU memory).
+        """
+        if self._reloading or not self.running:
             return False
         self._reloading = True
         try:
@@ -116,11 +123,13 @@ class LlamaSwapService(MultiService):
             change = diff(self.config, new)
             self.hub.configure(new.log_level, new.log_time_format)
             old = self.runtime
+            retired = old.shutdown(SHUTDOWN_GRACE)
+            retired.addErrback(lambda f: self.log.failure("stopping the old config's models failed", f))
+            self._retiring.add(retired)
+            retired.addBoth(lambda result: self._retiring.discard(retired))
             self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events)
-            old.shutdown(SHUTDOWN_GRACE).addErrback(
-                lambda f: self.log.failure("stopping the old config's models failed", f))
-            if self.running:
-                self.runtime.preload()
+            self.runtime.router.hold_starts_until(retired)
+            self.runtime.preload()
             self.events.publish("configReloaded", {"added": sorted(change.added), "removed": sorted(change.removed),
                                                    "changed": sorted(change.changed)})
             self.log.info(

@@ -512,3 +512,20 @@ class ReloadTests(Harness):
         self.assertEqual((yield self.running()), {})
         response, body = yield self.chat("C")
         self.assertEqual(json.loads(body)["responseMessage"], "C")
+
+    @defer.inlineCallbacks
+    def test_reload_starts_new_models_after_old_ones_stopped(self):
+        path = self.mktemp()
+        self.start(AB)
+        # the same config again, so the new A wants the same port as the old A
+        self.service.config_path = path
+        with open(path, "w") as f:
+            f.write(f"startPort: {self.service.config.models['A'].port}\n" + textwrap.dedent(AB))
+        yield self.chat("A")
+        old_pid = self.runtime.processes["A"].pid
+        self.assertTrue(self.service.reload())
+        response, body = yield self.get("/upstream/A/__responder/stats")
+        self.assertEqual(response.code, 200)
+        self.assertFalse(pid_alive(old_pid))
+        self.assertEqual(json.loads(body)["pid"], self.runtime.processes["A"].pid)
+        self.assertNotEqual(json.loads(body)["pid"], old_pid)

@@ -113,6 +113,7 @@ class WatcherTests(SynchronousTestCase):
             f.write("models:\n  a: {cmd: 'x --port ${PORT}'}\n")
         clock = task.Clock()
         root = LlamaSwapService(clock, load_config_text(open(path).read()), path)
+        root.running = True  # reloads only happen in a running service; nothing else needs starting here
         watcher = ConfigWatcher(root)
         watcher.startService()
         self.addCleanup(watcher.stopService)

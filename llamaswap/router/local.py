@@ -70,6 +70,7 @@ class LocalRouter:
         self._positions: dict[Hashable, Callable[[int], None]] = {}
         self._ids = itertools.count(1)
         self._stopping: dict[str, defer.Deferred] = {}
+        self._gate: Optional[list] = None  # waiters while the previous config's models stop
         self.loads = 0
         self.scheduler = Scheduler(
             planner_for(config.routing),
@@ -81,6 +82,26 @@ class LocalRouter:
             max_queue=config.routing.max_queue,
             clock=reactor,
         )
+
+    def hold_starts_until(self, d: defer.Deferred) -> None:
+        """No model starts before ``d`` fires (the previous config's models are
+        still stopping: their ports and GPU memory are not free yet)."""
+        self._gate = []
+
+        def release(result):
+            waiters, self._gate = self._gate or [], None
+            for waiter in waiters:
+                waiter.callback(None)
+            return result
+
+        d.addBoth(release)
+
+    def _gate_open(self) -> defer.Deferred:
+        if self._gate is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._gate.append(waiter)
+        return waiter
 
     # -- state view given to the scheduler -----------------------------------------
 
@@ -162,6 +183,7 @@ class LocalRouter:
         stops = [self._stop(self.processes[m], self.processes[m].model.health_check_timeout)
                  for m in sorted(evict) if m in self.processes]
         d = defer.gatherResults(stops, consumeErrors=True) if stops else defer.succeed(None)
+        d.addCallback(lambda _: self._gate_open())
         d.addCallback(lambda _: self.processes[target].ensure_ready())
 
         def done(_):

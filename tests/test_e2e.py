@@ -529,3 +529,47 @@ class ReloadTests(Harness):
         self.assertFalse(pid_alive(old_pid))
         self.assertEqual(json.loads(body)["pid"], self.runtime.processes["A"].pid)
         self.assertNotEqual(json.loads(body)["pid"], old_pid)
+
+
+class UploadGuardTests(Harness):
+    @defer.inlineCallbacks
+    def upload(self, headers, size):
+        """Raw HTTP: headers, then the body in pieces; returns (status line, bytes the server spooled)."""
+        from twisted.internet.protocol import ClientFactory, Protocol
+
+        port = int(self.base.rsplit(":", 1)[1])
+        done = defer.Deferred()
+
+        class Upload(Protocol):
+            def connectionMade(self):
+                head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                head += b"".join(k + b": " + v + b"\r\n" for k, v in headers.items())
+                self.transport.write(head + b"Content-Length: %d\r\n\r\n" % size)
+                self.transport.write(b"x" * size)
+                self.data = b""
+
+            def dataReceived(self, data):
+                self.data += data
+                if b"\r\n\r\n" in self.data and not done.called:
+                    done.callback(self.data.split(b"\r\n", 1)[0])
+                    self.transport.loseConnection()
+
+        reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(Upload))
+        status = yield done
+        return status
+
+    @defer.inlineCallbacks
+    def test_refused_before_the_body_is_stored(self):
+        from llamaswap.server.access import LlamaSwapRequest
+
+        created = []
+        real = LlamaSwapRequest.gotLength
+        self.patch(LlamaSwapRequest, "gotLength",
+                   lambda req, length: (real(req, length), created.append(type(req.content).__name__))[0])
+        self.start(AB + "    apiKeys: [k]\n    maxRequestBodyBytes: 1000\n")
+        status = yield self.upload({}, 200000)
+        self.assertEqual(status, b"HTTP/1.1 401 Unauthorized")
+        status = yield self.upload({b"Authorization": b"Bearer k"}, 200000)
+        self.assertEqual(status, b"HTTP/1.1 413 Request Entity Too Large")
+        self.assertEqual(created, ["_Discard", "_Discard"])  # nothing was spooled
+        self.assertEqual(self.starts, [])

@@ -16,8 +16,56 @@ from ..httpclient import no_delay
 SKIPPED = (b"/wol-health", b"/api/performance", b"/metrics")
 
 
+class _Discard:
+    """Stands in for the body file of a request refused before its body came."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, *args) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
 class LlamaSwapRequest(Request):
-    """A request that also works on listeners without a host (unix sockets)."""
+    """Checks API key and body size as soon as the headers are in, so a refused
+    upload is discarded instead of spooled to disk, and works on listeners
+    without a host (unix sockets)."""
+
+    refused = None
+    _limit: "int | None" = None
+    _received = 0
+
+    def gotLength(self, length) -> None:
+        front = getattr(getattr(self.channel, "site", None), "front", None)
+        if front is not None:
+            path = (getattr(self.channel, "_path", b"") or b"").split(b"?", 1)[0]
+            method = getattr(self.channel, "_command", b"") or b""
+            self.refused = front.check(self, method, path, length)
+            if self.refused is not None:
+                self.content = _Discard()
+                return
+            self._limit = front.body_limit()
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.refused is not None:
+            return
+        self._received += len(data)
+        if self._limit is not None and self._received > self._limit:  # chunked bodies have no length
+            self.refused = (413, "request body too large", None)
+            self.content.close()
+            self.content = _Discard()
+            return
+        super().handleContentChunk(data)
 
     def getRequestHostname(self) -> bytes:
         host = self.getHeader(b"host")
@@ -62,6 +110,7 @@ class AccessLogSite(Site):
         kw.setdefault("requestFactory", LlamaSwapRequest)
         super().__init__(resource, **kw)
         self.clock = clock
+        self.front = resource if hasattr(resource, "check") else None
         install_fast_content_type()
 
     def buildProtocol(self, addr):

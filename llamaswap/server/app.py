@@ -137,13 +137,32 @@ class FrontResource(Resource):
             request.setHeader(b"access-control-allow-headers", (", ".join(tokens) or CORS_DEFAULT_HEADERS).encode())
             request.setHeader(b"access-control-max-age", b"86400")
             return b""
-        keys = self.config().api_keys
-        if keys and request.path not in UNAUTHENTICATED:
-            key = extract_api_key(header(request, b"authorization"), header(request, b"x-api-key"))
-            if not key_allowed(key, keys):
-                return send_error(request, 401, "unauthorized: invalid or missing API key",
-                                  headers={"WWW-Authenticate": 'Basic realm="llama-swap"'})
+        refused = getattr(request, "refused", None) or self.check(request, request.method, request.path, None)
+        if refused is not None:
+            status, message, headers = refused
+            return send_error(request, status, message, headers=headers)
         return self.inner.render(request)
+
+    def check(self, request: IRequest, method: bytes, path: bytes, length: Optional[int]):
+        """``(status, message, headers)`` for a request to refuse, else None.
+
+        Also called with the headers alone, before the body is read (see
+        ``LlamaSwapRequest.gotLength``), so a refused upload is never stored.
+        """
+        if method == b"OPTIONS":
+            return None
+        config = self.config()
+        if config.api_keys and path not in UNAUTHENTICATED:
+            key = extract_api_key(header(request, b"authorization"), header(request, b"x-api-key"))
+            if not key_allowed(key, config.api_keys):
+                return (401, "unauthorized: invalid or missing API key",
+                        {"WWW-Authenticate": 'Basic realm="llama-swap"'})
+        if length is not None and length > config.max_request_body_bytes:
+            return (413, "request body too large", None)
+        return None
+
+    def body_limit(self) -> int:
+        return self.config().max_request_body_bytes
 
 
 class LlamaSwapApp:

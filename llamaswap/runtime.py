@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.client import Agent
 
 from .config import Config
 from .events import EventBus
@@ -40,6 +41,11 @@ class Runtime:
             )
         self.router = LocalRouter(reactor, config, self.processes, events=self.events)
         self.agent, self.pool = make_agent(reactor)
+        # one Agent per model over the shared pool: each with its model's connect timeout
+        self.agents = {
+            model_id: Agent(reactor, connectTimeout=model.timeouts.connect or None, pool=self.pool)
+            for model_id, model in config.models.items()
+        }
         self.starts: dict[str, int] = {m: 0 for m in self.processes}
         self.closed = False
 

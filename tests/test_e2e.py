@@ -573,3 +573,64 @@ class UploadGuardTests(Harness):
         self.assertEqual(status, b"HTTP/1.1 413 Request Entity Too Large")
         self.assertEqual(created, ["_Discard", "_Discard"])  # nothing was spooled
         self.assertEqual(self.starts, [])
+
+
+class ReviewFixTests(Harness):
+    @defer.inlineCallbacks
+    def test_response_header_timeout(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder()}", timeouts: {{responseHeader: 1}}}}
+        """)
+        yield self.chat("A")
+        started = reactor.seconds()
+        response, body = yield self.post("/v1/chat/completions?wait=3s", {"model": "A"})
+        self.assertEqual(response.code, 504)
+        self.assertLess(reactor.seconds() - started, 2.5)
+        self.assertIn("upstream timed out", json.loads(body)["error"]["message"])
+        self.assertEqual(self.runtime.router.scheduler.in_flight("A"), 0)
+
+    @defer.inlineCallbacks
+    def test_upstream_passthrough_is_not_filtered(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder()}", useModelName: up, filters: {{stripParams: temperature, setParams: {{top_k: 5}}}}}}
+        """)
+        response, body = yield self.post("/upstream/A/v1/chat/completions", {"model": "A", "temperature": 1})
+        self.assertEqual(json.loads(json.loads(body)["request_body"]), {"model": "A", "temperature": 1})
+
+    @defer.inlineCallbacks
+    def test_client_gone_while_queued_is_recorded_as_499(self):
+        self.start(f"""
+            models:
+              A: {{cmd: "{responder('--tokens 100 --token-delay 0.02')}"}}
+              B: {{cmd: "{responder()}"}}
+        """)
+        yield self.chat("A")
+        streaming = self.post("/v1/chat/completions", {"model": "A", "stream": True})
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        queued = self.chat("B")
+        yield self.wait_for(lambda: self.runtime.router.scheduler.queue_snapshot())
+        queued.cancel()
+        self.failureResultOf(queued)  # the client gave up
+        yield streaming
+        rows = yield self.wait_for(lambda: self.get("/api/metrics/activity?model=B").addCallback(
+            lambda rb: json.loads(rb[1])["data"]))
+        self.assertEqual((rows[0]["resp_status_code"], rows[0]["error_msg"]), (499, "client disconnected"))
+
+    @defer.inlineCallbacks
+    def test_metrics_labels_stay_bounded(self):
+        self.start(AB)
+        for i in range(5):
+            yield self.get(f"/upstream/A/path-{i}")
+        _, body = yield self.get("/metrics")
+        lines = [line for line in body.decode().splitlines() if line.startswith("llamaswap_requests_total{")]
+        self.assertEqual(len(lines), 1)
+        self.assertIn('path="/upstream"', lines[0])
+
+    @defer.inlineCallbacks
+    def test_head_on_streams_returns(self):
+        self.start(AB)
+        for path in ("/api/events", "/logs/stream"):
+            response = yield self.request("HEAD", path)
+            self.assertEqual(response.code, 200)

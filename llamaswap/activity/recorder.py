@@ -15,6 +15,8 @@ from .captures import CAPTURE_RESP_BODY, Capture, build_capture, capture_mask
 from .parse import ResponseParser, duration_ms
 from .store import ActivityEntry
 
+CLIENT_CLOSED = 499  # the client went away before the response was complete
+
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     encoding = encoding.lower().strip()
@@ -92,6 +94,8 @@ class ActivityRecorder:
         )
         if tokens is not None:
             entry.tokens = tokens
+        if self.status == CLIENT_CLOSED:
+            entry.error_msg = "client disconnected"
         return entry
 
     def capture(self, entry_id: int) -> Optional[Capture]:

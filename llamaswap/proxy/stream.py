@@ -21,13 +21,16 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-
-from ..httpclient import quiet_pool
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IRequest
 from zope.interface import implementer
+
+from ..httpclient import quiet_pool
+
+log = Logger()
 
 HOP_BY_HOP = frozenset(
     h.encode() for h in (
@@ -39,6 +42,19 @@ HOP_BY_HOP = frozenset(
 
 class UpstreamUnavailable(Exception):
     """The upstream could not be reached (connect refused, reset before headers)."""
+
+
+class UpstreamTimeout(Exception):
+    """The upstream sent no response headers within ``timeouts.responseHeader``."""
+
+
+def describe_failure(failure: Failure) -> str:
+    """A short reason, also for the lists of Failures Agent wraps errors in."""
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(describe_failure(r) for r in reasons)
+    message = failure.getErrorMessage()
+    return message if message and not message.startswith("[") else failure.type.__name__
 
 
 @implementer(IBodyProducer)
@@ -128,7 +144,11 @@ class _Relay(Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.on_chunk is not None:
-            self.on_chunk(data)
+            try:
+                self.on_chunk(data)
+            except Exception:  # an observer's failure must not stall the stream
+                log.failure("chunk observer failed; continuing the relay")
+                self.on_chunk = None
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -185,12 +205,14 @@ def forward(
     on_headers: Optional[Callable[[object], None]] = None,
     write_head: bool = True,
     clock=None,
+    header_timeout: float = 0,
 ) -> defer.Deferred:
     """Proxy ``request`` to ``url``; fires with the number of body bytes relayed.
 
     Cancelling the Deferred aborts the upstream request at whatever stage it is.
     With ``write_head=False`` the status and headers were already sent (the
-    loading-state stream) and only the body is relayed.
+    loading-state stream) and only the body is relayed.  ``header_timeout``
+    (seconds, 0 = none) bounds the wait for the upstream's response headers.
     """
     relay_holder: dict = {}
 
@@ -207,25 +229,47 @@ def forward(
     producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
     pending = agent.request(method, url, headers, producer)
     relay_holder["pending"] = pending
+    timer = None
+    if header_timeout and clock is not None:
+        def headers_late() -> None:
+            relay_holder["timed_out"] = True
+            pending.cancel()
+
+        timer = clock.callLater(header_timeout, headers_late)
 
     def got_response(response) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
         if done.called:
             return
-        if write_head:
-            request.setResponseCode(response.code, response.phrase)
-            copy_response_headers(response, request)
-        if on_headers is not None:
-            on_headers(response)
-        relay = _Relay(request, done, on_chunk, clock)
-        relay_holder["relay"] = relay
-        response.deliverBody(relay)
+        try:
+            if write_head:
+                request.setResponseCode(response.code, response.phrase)
+                copy_response_headers(response, request)
+            if on_headers is not None:
+                on_headers(response)
+            relay = _Relay(request, done, on_chunk, clock)
+            relay_holder["relay"] = relay
+            response.deliverBody(relay)
+        except Exception:
+            # never leave the request hanging: drop the upstream and report
+            transport = getattr(response, "_transport", None)
+            if transport is not None:
+                transport.stopProducing()
+            if not done.called:
+                done.errback()
 
     def failed(failure: Failure) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
         if done.called:
+            return
+        if relay_holder.get("timed_out"):
+            done.errback(Failure(UpstreamTimeout(f"no response headers within {header_timeout:g}s")))
             return
         if failure.check(defer.CancelledError):
             return
-        done.errback(Failure(UpstreamUnavailable(failure.getErrorMessage() or failure.type.__name__)))
+        done.errback(Failure(UpstreamUnavailable(describe_failure(failure))))
 
     pending.addCallbacks(got_response, failed)
     return done

@@ -24,6 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ..activity.captures import CaptureStore
 from ..activity.parse import filter_accept_encoding
 from ..activity.query import QueryError, parse_activity_query
+from ..activity.recorder import CLIENT_CLOSED as RECORDER_CLIENT_CLOSED
 from ..activity.recorder import ActivityRecorder
 from ..activity.store import ActivityStore
 from ..config import Config, thaw
@@ -37,7 +38,7 @@ from ..proxy.filters import (
     apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
 )
 from ..proxy.loading import LoadingStream
-from ..proxy.stream import UpstreamUnavailable, forward, upstream_headers
+from ..proxy.stream import UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
 from ..router.local import RoutingError
 from .auth import extract_api_key, key_allowed
 from .errors import render_error
@@ -71,6 +72,18 @@ def header_out(request: IRequest, name: bytes) -> str:
     """A response header already set, as text."""
     values = request.responseHeaders.getRawHeaders(name)
     return values[-1].decode("latin-1") if values else ""
+
+
+CLIENT_CLOSED = RECORDER_CLIENT_CLOSED  # nginx's 499: the client went away first (activity rows, metrics)
+
+
+def query_value(query: bytes, name: bytes) -> Optional[bytes]:
+    """The first value of ``name`` in a raw query string (b"" for a bare flag)."""
+    for part in query.split(b"&"):
+        key, _, value = part.partition(b"=")
+        if key == name:
+            return value
+    return None
 
 
 def query_flag(request: IRequest, name: bytes) -> bool:
@@ -347,10 +360,16 @@ class LlamaSwapApp:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-accel-buffering", b"no")
+        if request.method == b"HEAD":
+            return b""
         stream = BoundedStream(request, marker=dropped_marker)
         if not query_flag(request, b"no-history"):
             stream.write(monitor.history())
-        await self._run_stream(stream, [monitor.subscribe(stream.write)])
+        unsubscribes = [monitor.subscribe(stream.write)]
+        if monitor not in (self.hub.combined, self.hub.proxy, self.hub.upstream):
+            # a model's own log belongs to the running config: a reload ends the tail
+            unsubscribes.append(self.events.subscribe(lambda kind, data: stream.end(), kinds=("configReloaded",)))
+        await self._run_stream(stream, unsubscribes)
         return b""
 
     async def _run_stream(self, stream: BoundedStream, unsubscribes: list) -> None:
@@ -395,6 +414,8 @@ class LlamaSwapApp:
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-accel-buffering", b"no")
+        if request.method == b"HEAD":
+            return b""
         stream = BoundedStream(request)
         sse = self.sse
 
@@ -537,7 +558,10 @@ class LlamaSwapApp:
         return content.read()
 
     async def dispatch(self, request: IRequest, upstream_path: str, model_name: Optional[str] = None):
-        """Find the model a request names, then serve it through the router."""
+        """Find the model a request names, then serve it through the router.
+
+        ``model_name`` given means ``/upstream/<model>/...``: a passthrough
+        (no body filters, as llama-swap)."""
         body = self._read_body(request)
         if body is None:
             return send_error(request, 413, "request body too large")
@@ -561,18 +585,26 @@ class LlamaSwapApp:
         recorder = self._recorder(request, model_id, upstream_path, body)
         request.llamaswap_model = model_id
         result = b""
+        status = None
+        passthrough = request.path.startswith(b"/upstream/")
         try:
-            request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path)
+            request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path, passthrough)
             result = await self._serve(request, runtime, model_id, request_info, entry, recorder)
             return result
+        except defer.CancelledError:
+            status = CLIENT_CLOSED
+            raise
         finally:
             self.inflight.remove(entry)
+            status = status or request.code
             if recorder is not None:
-                recorder.own_response(request.code, header_out(request, b"content-type"), result or b"")
+                if status == CLIENT_CLOSED and recorder.status is None:
+                    recorder.on_headers(CLIENT_CLOSED, {})
+                recorder.own_response(status, header_out(request, b"content-type"), result or b"")
                 self._record(recorder)
             if self.metrics is not None:
-                self.metrics.request_done(model_id, request.path.decode("latin-1"), request.code,
-                                          self.clock.seconds() - request.llamaswap_started)
+                path = "/upstream" if passthrough else request.path.decode("latin-1")  # bounded label values
+                self.metrics.request_done(model_id, path, status, self.clock.seconds() - request.llamaswap_started)
 
     def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes):
         """An activity recorder for POSTs to model-dispatched paths (else None)."""
@@ -604,7 +636,7 @@ class LlamaSwapApp:
                      recorder: Optional[ActivityRecorder] = None):
         model = runtime.config.models[model_id]
         process = runtime.processes[model_id]
-        streaming = bool(info.parsed and info.parsed.get("stream") is True) or b"stream=true" in info.query
+        streaming = bool(info.parsed and info.parsed.get("stream") is True) or query_value(info.query, b"stream") == b"true"
         loading = None
         if (model.send_loading_state and streaming and info.upstream_path.startswith("/v1/chat/completions")
                 and process.state is not ProcessState.READY):
@@ -638,7 +670,8 @@ class LlamaSwapApp:
         try:
             if loading is not None:
                 loading.done()
-            body = self._filter_body(info.body, info.parsed, info.ctype, info.model_name, model)
+            body = info.body if info.passthrough else self._filter_body(
+                info.body, info.parsed, info.ctype, info.model_name, model)
             url = model.proxy.rstrip("/") + info.upstream_path + (
                 "?" + info.query.decode("latin-1") if info.query else "")
             headers = upstream_headers(request.requestHeaders, client_ip(request),
@@ -664,13 +697,18 @@ class LlamaSwapApp:
                     recorder.on_headers(response.code, flat)
 
             try:
-                await forward(runtime.agent, request, url.encode(), body, headers,
+                await forward(runtime.agents[model_id], request, url.encode(), body, headers,
                               on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None,
-                              clock=self.clock)
-            except UpstreamUnavailable as e:
-                if loading is not None or request.startedWriting:
+                              clock=self.clock, header_timeout=model.timeouts.response_header)
+            except (UpstreamUnavailable, UpstreamTimeout) as e:
+                status, message = (504, f"upstream timed out: {e}") if isinstance(e, UpstreamTimeout) else (
+                    502, f"upstream not reachable: {e}")
+                if loading is not None:
+                    loading.failed(render_error(status, message)[1])
                     return b""
-                return send_error(request, 502, f"upstream not reachable: {e}")
+                if request.startedWriting:
+                    return b""
+                return send_error(request, status, message)
             except defer.CancelledError:
                 raise
             except Exception as e:  # the upstream died mid-response (crash)
@@ -731,11 +769,13 @@ class LlamaSwapApp:
 class _RequestInfo:
     """What a model-dispatched request carries once its body is read."""
 
-    __slots__ = ("body", "parsed", "ctype", "query", "model_name", "upstream_path")
+    __slots__ = ("body", "parsed", "ctype", "query", "model_name", "upstream_path", "passthrough")
 
-    def __init__(self, body: bytes, parsed, ctype: str, query: bytes, model_name: str, upstream_path: str):
+    def __init__(self, body: bytes, parsed, ctype: str, query: bytes, model_name: str, upstream_path: str,
+                 passthrough: bool = False):
         self.body, self.parsed, self.ctype = body, parsed, ctype
         self.query, self.model_name, self.upstream_path = query, model_name, upstream_path
+        self.passthrough = passthrough
 
 
 def _json_object(body: bytes):

@@ -15,7 +15,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogPublisher
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from .activity.captures import CaptureStore
 from .activity.store import ActivityStore
@@ -72,6 +72,14 @@ class LlamaSwapService(MultiService):
     def config(self) -> Config:
         return self.runtime.config
 
+    @defer.inlineCallbacks
+    def drain(self, deadline: float):
+        """Wait (at most ``deadline`` s) for requests being served to finish."""
+        scheduler = self.runtime.router.scheduler
+        give_up = self.reactor.seconds() + deadline
+        while self.reactor.seconds() < give_up and any(scheduler.in_flight(m) for m in scheduler.models()):
+            yield task.deferLater(self.reactor, 0.1, lambda: None)
+
     def startService(self) -> None:
         if not self.hub.installed:  # plain twistd: still keep the proxy log history
             globalLogPublisher.addObserver(self.hub)
@@ -95,6 +103,7 @@ class LlamaSwapService(MultiService):
         """Stop listening first, then stop every model (TERM, KILL after the grace)."""
         self.api.close_streams()
         yield defer.maybeDeferred(super().stopService)
+        yield self.drain(SHUTDOWN_GRACE)
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
         if self._retiring:
             yield defer.gatherResults(list(self._retiring), consumeErrors=True)

@@ -634,3 +634,21 @@ class ReviewFixTests(Harness):
         for path in ("/api/events", "/logs/stream"):
             response = yield self.request("HEAD", path)
             self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_long_upstream_path_never_stalls(self):
+        self.start(AB)
+        started = reactor.seconds()
+        response, _ = yield self.get("/upstream/B/" + "." * 16000)
+        self.assertEqual(response.code, 409)
+        self.assertLess(reactor.seconds() - started, 1.0)
+
+    @defer.inlineCallbacks
+    def test_stop_drains_requests_in_flight(self):
+        self.start(AB)
+        yield self.chat("A")
+        d = self.post("/v1/chat/completions?wait=1s", {"model": "A"})
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        yield self.service.stopService()
+        response, body = yield d
+        self.assertEqual((response.code, json.loads(body)["responseMessage"]), (200, "A"))

@@ -760,8 +760,7 @@ class LlamaSwapApp:
             return b""
         path = "/" + remainder
         process = self.runtime.processes[model_id]
-        if process.state is not ProcessState.READY and any(
-                re.search(p, path) for p in self.config.ignore_paths):
+        if process.state is not ProcessState.READY and ignored_path(path, self.config.ignore_paths):
             return send_error(request, 409, f"model {model_id} is not loaded; path matches upstream.ignorePaths")
         return defer.ensureDeferred(self.dispatch(request, path, model_name=model_id))
 
@@ -790,6 +789,18 @@ def _abort(request: IRequest) -> None:
     transport = getattr(request.channel, "transport", None) if request.channel is not None else None
     if transport is not None:
         transport.abortConnection()
+
+
+MAX_MATCHED_PATH = 2048
+
+
+def ignored_path(path: str, patterns) -> bool:
+    """Does ``path`` match ``upstream.ignorePaths``?  Python's regex engine can
+    backtrack (Go's RE2 cannot), so very long paths count as ignored instead of
+    being matched: they never start a model and never stall the reactor."""
+    if len(path) > MAX_MATCHED_PATH:
+        return True
+    return any(re.search(p, path) for p in patterns)
 
 
 def _render_capabilities(caps) -> dict:

@@ -578,11 +578,11 @@ class LlamaSwapApp:
         if model_id is None:
             return send_error(request, 404, "no router for requested model")
         runtime = self.runtime
-        entry = self.inflight.add(
-            model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
-            {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
-            client_ip(request), cancel=lambda: _abort(request))
-        recorder = self._recorder(request, model_id, upstream_path, body)
+        req_headers = {k.decode("latin-1"): v[-1].decode("latin-1")
+                       for k, v in request.requestHeaders.getAllRawHeaders()}
+        entry = self.inflight.add(model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
+                                  req_headers, client_ip(request), cancel=lambda: _abort(request))
+        recorder = self._recorder(request, model_id, upstream_path, body, req_headers)
         request.llamaswap_model = model_id
         result = b""
         status = None
@@ -606,7 +606,7 @@ class LlamaSwapApp:
                 path = "/upstream" if passthrough else request.path.decode("latin-1")  # bounded label values
                 self.metrics.request_done(model_id, path, status, self.clock.seconds() - request.llamaswap_started)
 
-    def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes):
+    def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes, headers: dict):
         """An activity recorder for POSTs to model-dispatched paths (else None)."""
         if self.activity is None or request.method != b"POST":
             return None
@@ -615,7 +615,6 @@ class LlamaSwapApp:
         if req_path not in MODEL_ROUTES:
             return None
         limit = self.captures.max_bytes if self.captures is not None and self.captures.enabled else 0
-        headers = {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()}
         return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit)
 
     def _record(self, recorder: ActivityRecorder) -> None:

@@ -16,7 +16,7 @@ from .config import Config
 from .events import EventBus
 from .logmon import LogMonitor
 from .process import Process, ProcessState
-from .proxy.stream import make_agent
+from .proxy.stream import make_pool
 from .router.local import LocalRouter, RoutingError
 
 StateListener = Callable[[str, str, str], None]
@@ -40,18 +40,15 @@ class Runtime:
                 registry=registry,
             )
         self.router = LocalRouter(reactor, config, self.processes, events=self.events)
-        self.agent, self.pool = make_agent(reactor)
+        self.pool = make_pool(reactor)
         # one Agent per model over the shared pool: each with its model's connect timeout
         self.agents = {
             model_id: Agent(reactor, connectTimeout=model.timeouts.connect or None, pool=self.pool)
             for model_id, model in config.models.items()
         }
-        self.starts: dict[str, int] = {m: 0 for m in self.processes}
         self.closed = False
 
     def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
-        if new is ProcessState.STARTING:
-            self.starts[process.model.id] = self.starts.get(process.model.id, 0) + 1
         self.router.process_state_changed(process, old, new)
         self.events.publish("modelStatus", {"id": process.model.id, "old": str(old), "state": str(new)})
         if self.on_state is not None:

@@ -695,19 +695,6 @@ class MiscTests(MachineTestCase):
         self.assertEqual(len(lines), 50)
         self.assertEqual(lines[-1], "line 199")
 
-    def test_concurrency_admission(self) -> None:
-        proc = self.make(concurrency_limit=2)
-        self.assertTrue(proc.try_admit())
-        self.assertTrue(proc.try_admit())
-        self.assertFalse(proc.try_admit())
-        self.assertEqual(proc.admitted, 2)
-        proc.release()
-        self.assertTrue(proc.try_admit())
-        proc.release()
-        proc.release()
-        proc.release()  # one too many: logged, not negative
-        self.assertEqual(proc.admitted, 0)
-
     def test_request_accounting_never_negative(self) -> None:
         proc = self.ready()
         proc.request_finished()

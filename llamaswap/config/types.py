@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
+from . import defaults as D
+
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -37,12 +39,12 @@ def thaw(value: Any) -> Any:
 class Timeouts:
     """Transport timeouts towards an upstream, in seconds (0 = none)."""
 
-    connect: int = 30
-    keepalive: int = 30
-    response_header: int = 0
-    tls_handshake: int = 10
-    expect_continue: int = 1
-    idle_conn: int = 90
+    connect: int = D.MODEL_TIMEOUTS["connect"]
+    keepalive: int = D.MODEL_TIMEOUTS["keepalive"]
+    response_header: int = D.MODEL_TIMEOUTS["responseHeader"]
+    tls_handshake: int = D.MODEL_TIMEOUTS["tlsHandshake"]
+    expect_continue: int = D.MODEL_TIMEOUTS["expectContinue"]
+    idle_conn: int = D.MODEL_TIMEOUTS["idleConn"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,15 @@ class ModelConfig:
     proxy: str = ""
     aliases: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
-    check_endpoint: str = "/health"
-    ttl: int = 0
-    unload_timeout: int = 10
-    health_check_timeout: int = 120
+    check_endpoint: str = D.MODEL_CHECK_ENDPOINT
+    ttl: int = D.GLOBAL_TTL
+    unload_timeout: int = D.UNLOAD_TIMEOUT
+    health_check_timeout: int = D.HEALTH_CHECK_TIMEOUT
     unlisted: bool = False
     use_model_name: str = ""
     name: str = ""
     description: str = ""
-    concurrency_limit: int = 10
+    concurrency_limit: int = D.CONCURRENCY_LIMIT
     filters: Filters = Filters()
     macros: tuple[tuple[str, Any], ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
@@ -94,7 +96,7 @@ class ModelConfig:
     ignore_websockets: bool = False
     capabilities: Capabilities = Capabilities()
     port: Optional[int] = None
-    priority: int = 0
+    priority: int = D.PRIORITY
 
     @property
     def health_check_disabled(self) -> bool:
@@ -127,18 +129,18 @@ class Matrix:
     sets: tuple[MatrixSet, ...]
 
     def evict_cost(self, model_id: str) -> int:
-        return self.evict_costs.get(model_id, 1)
+        return self.evict_costs.get(model_id, D.MATRIX_EVICT_COST)
 
 
 @dataclass(frozen=True)
 class Routing:
-    router: str = "group"
+    router: str = D.ROUTER
     groups: tuple[Group, ...] = ()
     matrix: Optional[Matrix] = None
-    scheduler: str = "fifo"
+    scheduler: str = D.SCHEDULER
     priority: Mapping[str, int] = field(default_factory=lambda: EMPTY)  # real model id -> priority
-    max_wait: float = 60.0
-    max_queue: int = 512
+    max_wait: float = D.MAX_WAIT
+    max_queue: int = D.MAX_QUEUE
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class Peer:
     models: tuple[str, ...]
     api_key: str = ""
     filters: Filters = Filters()
-    timeouts: Timeouts = Timeouts(response_header=60)
+    timeouts: Timeouts = Timeouts(response_header=D.PEER_TIMEOUTS["responseHeader"])
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class Selector:
     id: str
     strategy: str
     targets: tuple[str, ...]
-    spillover: int = 1
+    spillover: int = D.SELECTOR_SPILLOVER
     name: str = ""
     description: str = ""
     unlisted: bool = False
@@ -173,25 +175,25 @@ class Selector:
 @dataclass(frozen=True)
 class Performance:
     disabled: bool = False
-    every: float = 5.0
+    every: float = D.PERFORMANCE_EVERY
 
 
 @dataclass(frozen=True)
 class Config:
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: EMPTY)
-    health_check_timeout: int = 120
-    log_level: str = "info"
+    health_check_timeout: int = D.HEALTH_CHECK_TIMEOUT
+    log_level: str = D.LOG_LEVEL
     log_time_format: str = ""
-    log_to_stdout: str = "proxy"
+    log_to_stdout: str = D.LOG_TO_STDOUT
     log_requests: bool = False
-    metrics_max_in_memory: int = 1000
-    capture_buffer: int = 5
+    metrics_max_in_memory: int = D.METRICS_MAX_IN_MEMORY
+    capture_buffer: int = D.CAPTURE_BUFFER_MB
     store_path: Optional[str] = None
     session_id_headers: tuple[str, ...] = ()
     performance: Performance = Performance()
-    global_ttl: int = 0
-    unload_timeout: int = 10
-    start_port: int = 5800
+    global_ttl: int = D.GLOBAL_TTL
+    unload_timeout: int = D.UNLOAD_TIMEOUT
+    start_port: int = D.START_PORT
     send_loading_state: bool = False
     include_aliases_in_list: bool = False
     macros: tuple[tuple[str, Any], ...] = ()
@@ -202,7 +204,7 @@ class Config:
     routing: Routing = Routing()
     peers: Mapping[str, Peer] = field(default_factory=lambda: EMPTY)
     ignore_paths: tuple[str, ...] = ()
-    max_request_body_bytes: int = 32 * 1024 * 1024
+    max_request_body_bytes: int = D.MAX_REQUEST_BODY_BYTES
     aliases: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # alias -> model id
     warnings: tuple[str, ...] = field(default=(), compare=False)
     sources: tuple[str, ...] = field(default=(), compare=False)

@@ -197,7 +197,6 @@ class Process:
         self._stop_cmds: dict[UpstreamProtocol, tuple[ChildHandle, IDelayedCall]] = {}
 
         self._in_flight = 0
-        self._admitted = 0
         self._last_finished = reactor.seconds()
 
     # -- read-only views ---------------------------------------------------
@@ -218,10 +217,6 @@ class Process:
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    @property
-    def admitted(self) -> int:
-        return self._admitted
 
     def last_output_lines(self, n: Optional[int] = None) -> list[str]:
         """The last lines (up to 50) the current or last child printed."""
@@ -306,21 +301,6 @@ class Process:
         self._last_finished = self._reactor.seconds()
         if self._in_flight == 0:
             self._schedule_ttl()
-
-    def try_admit(self) -> bool:
-        """Count a request against ``concurrency_limit``; False when full (429)."""
-        limit = self.model.concurrency_limit
-        if limit > 0 and self._admitted >= limit:
-            return False
-        self._admitted += 1
-        return True
-
-    def release(self) -> None:
-        """Give back an admission taken by :meth:`try_admit`."""
-        if self._admitted <= 0:
-            self.log.warn("{model} release without try_admit", model=self.model.id)
-            return
-        self._admitted -= 1
 
     # -- transitions ----------------------------------------------------------
 

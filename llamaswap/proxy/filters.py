@@ -16,10 +16,6 @@ from urllib.parse import parse_qs
 from ..config import Filters, thaw
 
 
-class BodyError(ValueError):
-    pass
-
-
 def _set_path(obj: dict, path: str, value: Any) -> None:
     parts = path.split(".")
     for part in parts[:-1]:

@@ -277,7 +277,13 @@ def forward(
 
 def make_agent(reactor, connect_timeout: float = 30.0, max_per_host: int = 64) -> tuple[Agent, HTTPConnectionPool]:
     """An Agent with its own persistent connection pool (close it on shutdown)."""
+    pool = make_pool(reactor, max_per_host)
+    return Agent(reactor, connectTimeout=connect_timeout or None, pool=pool), pool
+
+
+def make_pool(reactor, max_per_host: int = 64) -> HTTPConnectionPool:
+    """The persistent, quiet connection pool upstream requests share (close it on shutdown)."""
     pool = quiet_pool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 60
-    return Agent(reactor, connectTimeout=connect_timeout or None, pool=pool), pool
+    return pool

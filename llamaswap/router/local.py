@@ -71,7 +71,6 @@ class LocalRouter:
         self._ids = itertools.count(1)
         self._stopping: dict[str, defer.Deferred] = {}
         self._gate: Optional[list] = None  # waiters while the previous config's models stop
-        self.loads = 0
         self.scheduler = Scheduler(
             planner_for(config.routing),
             self,
@@ -142,9 +141,6 @@ class LocalRouter:
             grant.process.request_finished()
             self.scheduler.serve_done(grant.req_id)
 
-    def queue_size(self) -> int:
-        return len(self.scheduler.queue_snapshot())
-
     # -- Effects (called by the scheduler) ----------------------------------------------
 
     def grant(self, req_id: Hashable, model: str) -> None:
@@ -178,7 +174,6 @@ class LocalRouter:
 
     def start_swap(self, target: str, evict: frozenset, reason: str) -> None:
         self.log.info("swap to {target}: {reason}", target=target, reason=reason or "load")
-        self.loads += 1
         self.events.publish("swap", {"target": target, "evict": sorted(evict), "reason": reason})
         stops = [self._stop(self.processes[m], self.processes[m].model.health_check_timeout)
                  for m in sorted(evict) if m in self.processes]

@@ -673,7 +673,7 @@ class LlamaSwapApp:
                 info.body, info.parsed, info.ctype, info.model_name, model)
             url = model.proxy.rstrip("/") + info.upstream_path + (
                 "?" + info.query.decode("latin-1") if info.query else "")
-            headers = upstream_headers(request.requestHeaders, client_ip(request),
+            headers = upstream_headers(request.requestHeaders, entry.remote_ip,
                                        "https" if request.isSecure() else "http", request.getHeader(b"host"))
             if recorder is not None:  # only encodings the activity parser can read
                 accepted = filter_accept_encoding(header(request, b"accept-encoding"))

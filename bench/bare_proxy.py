@@ -27,7 +27,7 @@ class Forward(Resource):
 
     def render_POST(self, request):
         body = request.content.read()
-        headers = upstream_headers(request.requestHeaders, "127.0.0.1", "http", None)
+        headers = upstream_headers(request.requestHeaders, b"127.0.0.1", b"http", None)
         d = forward(self.agent, request, (self.upstream + request.uri.decode()).encode(), body, headers,
                     clock=reactor)
         d.addBoth(lambda _: request.finish())

@@ -27,7 +27,7 @@ class _ProxyResource(Resource):
 
     def render(self, request):
         body = request.content.read()
-        headers = upstream_headers(request.requestHeaders, request.getClientAddress().host, "http",
+        headers = upstream_headers(request.requestHeaders, request.getClientAddress().host.encode(), b"http",
                                    request.getHeader(b"host"))
         d = forward(self.agent, request, (self.upstream + request.uri.decode()).encode(), body, headers)
 

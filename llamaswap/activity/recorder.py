@@ -34,7 +34,8 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 class ActivityRecorder:
     def __init__(self, clock, wall, model: str, req_path: str, req_headers: Mapping[str, str],
-                 req_body: bytes, capture_limit: int = 0, metadata: Optional[dict] = None):
+                 req_body: bytes, capture_limit: int = 0, metadata: Optional[dict] = None,
+                 remote_ip: str = ""):
         self.clock = clock
         self.wall = wall
         self.started = clock.seconds()
@@ -43,6 +44,7 @@ class ActivityRecorder:
         self.req_headers = dict(req_headers)
         self.req_body = req_body
         self.metadata = metadata
+        self.remote_ip = remote_ip
         self.mask = capture_mask(req_path)
         self.capture_limit = capture_limit
         self.status: Optional[int] = None
@@ -90,7 +92,7 @@ class ActivityRecorder:
             timestamp=self.wall(), model=self.model, req_path=self.req_path,
             resp_content_type=self.content_type, resp_status_code=self.status or 0,
             duration_ms=duration_ms(wall_ms, tokens) if tokens is not None else wall_ms,
-            error_msg=error, metadata=self.metadata or None,
+            error_msg=error, metadata=self.metadata or None, remote_ip=self.remote_ip,
         )
         if tokens is not None:
             entry.tokens = tokens

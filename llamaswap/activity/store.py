@@ -54,7 +54,8 @@ _SCHEMA = (
         tokens_per_second REAL NOT NULL DEFAULT 0,
         duration_ms INTEGER NOT NULL DEFAULT 0,
         error_msg TEXT NOT NULL DEFAULT '',
-        metadata_json TEXT NOT NULL DEFAULT ''
+        metadata_json TEXT NOT NULL DEFAULT '',
+        remote_ip TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS idx_activity_created_id ON activity (ts_created DESC, id DESC)",
     "CREATE INDEX IF NOT EXISTS idx_activity_model_created_id"
@@ -63,9 +64,11 @@ _SCHEMA = (
 _COLUMNS = (
     "ts_created, model_id, req_path, resp_content_type, resp_status_code,"
     " cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens,"
-    " prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json"
+    " prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json, remote_ip"
 )
-_INSERT = f"INSERT INTO activity ({_COLUMNS}) VALUES ({', '.join(['?'] * 15)})"
+_INSERT = f"INSERT INTO activity ({_COLUMNS}) VALUES ({', '.join(['?'] * 16)})"
+# llamaswap addition: the client's address (stores written before it get the column)
+_ADD_REMOTE_IP = "ALTER TABLE activity ADD COLUMN remote_ip TEXT NOT NULL DEFAULT ''"
 _SELECT = f"SELECT id, {_COLUMNS} FROM activity"
 _PRUNE = "DELETE FROM activity WHERE id <= (SELECT MAX(id) FROM activity) - ?"
 _TOTALS = (
@@ -94,6 +97,7 @@ class ActivityEntry:
     duration_ms: int = 0
     error_msg: str | None = None
     metadata: dict[str, str] | None = None
+    remote_ip: str = ""
 
     def to_json(self, has_capture: bool = False) -> dict[str, Any]:
         """llama-swap's ActivityLogEntry JSON (``error_msg``/``metadata`` only when set)."""
@@ -112,6 +116,8 @@ class ActivityEntry:
             doc["error_msg"] = self.error_msg
         if self.metadata:
             doc["metadata"] = dict(self.metadata)
+        if self.remote_ip:
+            doc["remote_ip"] = self.remote_ip
         return doc
 
     def to_row(self) -> tuple[Any, ...]:
@@ -123,13 +129,14 @@ class ActivityEntry:
             self.resp_content_type, self.resp_status_code, t.cache_tokens, t.draft_tokens,
             t.draft_acc_tokens, t.input_tokens, t.output_tokens, float(t.prompt_per_second),
             float(t.tokens_per_second), int(self.duration_ms), self.error_msg or "", metadata,
+            self.remote_ip or "",
         )  # fmt: skip
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> ActivityEntry:
         """Rebuild an entry from a ``_SELECT`` row."""
         (ident, ts, model, path, ctype, status, cached, draft, draft_acc,
-         inp, out, pps, tps, duration, error, metadata) = row  # fmt: skip
+         inp, out, pps, tps, duration, error, metadata, remote_ip) = row  # fmt: skip
         return cls(
             id=ident,
             timestamp=float(ts),
@@ -149,6 +156,7 @@ class ActivityEntry:
             duration_ms=duration,
             error_msg=error or None,
             metadata=json.loads(metadata) if metadata else None,
+            remote_ip=remote_ip or "",
         )
 
 
@@ -192,6 +200,9 @@ def _open(path: str | None) -> sqlite3.Connection:
                 raise sqlite3.OperationalError(f"enable sqlite store WAL mode: got {mode!r}")
         for statement in _SCHEMA:
             conn.execute(statement)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(activity)")}
+        if "remote_ip" not in columns:
+            conn.execute(_ADD_REMOTE_IP)
     except BaseException:
         conn.close()
         raise

@@ -66,6 +66,9 @@ SELECTOR_SPILLOVER = 1
 # proxy (llamaswap addition: request bodies are read with a bound)
 MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 
+# clients: X-Forwarded-For / X-Real-IP are believed only from these peers
+TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+
 # command line
 LISTEN = "127.0.0.1:8080"
 WATCH_INTERVAL = 2.0

@@ -8,6 +8,7 @@ lists them all, each with its key path and YAML line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -33,7 +34,7 @@ TOP_LEVEL_KEYS = (
     "metricsMaxInMemory", "captureBuffer", "store", "ui", "performance", "globalTTL",
     "unloadTimeout", "startPort", "sendLoadingState", "includeAliasesInList", "macros",
     "apiKeys", "models", "profiles", "selectors", "hooks", "routing", "groups", "matrix",
-    "peers", "upstream", "maxRequestBodyBytes",
+    "peers", "upstream", "maxRequestBodyBytes", "trustedProxies",
 )
 VAR_KEY = re.compile(r"^[a-zA-Z0-9.-]{1,32}$")
 
@@ -292,6 +293,7 @@ class _Builder:
             peers=freeze(peers),
             ignore_paths=self._ignore_paths(top.sub("upstream")),
             max_request_body_bytes=top.int("maxRequestBodyBytes", D.MAX_REQUEST_BODY_BYTES, minimum=1),
+            trusted_proxies=self._trusted_proxies(top),
             aliases=freeze(aliases),
             sources=sources,
         )
@@ -383,6 +385,19 @@ class _Builder:
             f.read.add("setParamsByID")
         f.finish()
         return Filters(tuple(params), freeze(set_params), freeze(by_id))
+
+    def _trusted_proxies(self, top: Fields) -> tuple:
+        if not top.has("trustedProxies"):
+            return D.TRUSTED_PROXIES
+        out = []
+        for i, entry in enumerate(top.str_list("trustedProxies")):
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                self.p.error(("trustedProxies", i), f"not an IP address or CIDR block: {entry!r}")
+                continue
+            out.append(entry.strip())
+        return tuple(out)
 
     def _timeouts(self, f: Fields, base: dict) -> Timeouts:
         values = {}

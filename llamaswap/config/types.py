@@ -205,6 +205,7 @@ class Config:
     peers: Mapping[str, Peer] = field(default_factory=lambda: EMPTY)
     ignore_paths: tuple[str, ...] = ()
     max_request_body_bytes: int = D.MAX_REQUEST_BODY_BYTES
+    trusted_proxies: tuple[str, ...] = D.TRUSTED_PROXIES
     aliases: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # alias -> model id
     warnings: tuple[str, ...] = field(default=(), compare=False)
     sources: tuple[str, ...] = field(default=(), compare=False)

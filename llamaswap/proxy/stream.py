@@ -40,6 +40,9 @@ HOP_BY_HOP = frozenset(
 )
 
 
+_REPLACED = frozenset((b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
+
+
 class UpstreamUnavailable(Exception):
     """The upstream could not be reached (connect refused, reset before headers)."""
 
@@ -79,8 +82,12 @@ class BytesProducer:
         pass
 
 
-def upstream_headers(headers: Headers, client_ip: str, proto: str, host: Optional[bytes]) -> Headers:
-    """Request headers for the upstream: hop-by-hop removed, X-Forwarded-* added."""
+def upstream_headers(headers: Headers, forwarded_for: bytes, proto: bytes, host: Optional[bytes]) -> Headers:
+    """Request headers for the upstream: hop-by-hop removed, X-Forwarded-* set.
+
+    ``forwarded_for`` is the complete ``X-Forwarded-For`` value (the trusted
+    chain plus our peer, see ``llamaswap.clientaddr``); the client's own
+    header is replaced by it."""
     out = Headers()
     connection_tokens = {
         t.strip().lower().encode() for v in headers.getRawHeaders(b"connection", []) for t in v.decode(
@@ -88,11 +95,10 @@ def upstream_headers(headers: Headers, client_ip: str, proto: str, host: Optiona
     }
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in connection_tokens or lower in (b"host", b"content-length"):
+        if lower in HOP_BY_HOP or lower in connection_tokens or lower in _REPLACED:
             continue
         out.setRawHeaders(name, values)
-    prior = headers.getRawHeaders(b"x-forwarded-for")
-    out.setRawHeaders(b"x-forwarded-for", [(prior[-1] + ", " if prior else "") + client_ip])
+    out.setRawHeaders(b"x-forwarded-for", [forwarded_for])
     out.setRawHeaders(b"x-forwarded-proto", [proto])
     if host:
         out.setRawHeaders(b"x-forwarded-host", [host])

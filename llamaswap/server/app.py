@@ -40,6 +40,7 @@ from ..proxy.filters import (
 from ..proxy.loading import LoadingStream
 from ..proxy.stream import UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
 from ..router.local import RoutingError
+from ..clientaddr import TrustedProxies
 from .auth import extract_api_key, key_allowed
 from .errors import render_error
 from .streams import BoundedStream, dropped_marker
@@ -118,14 +119,16 @@ def send_text(request: IRequest, text: str, status: int = 200) -> bytes:
     return text.encode()
 
 
+def peer_ip(request: IRequest) -> str:
+    """The socket peer's address ("" on listeners without one, e.g. unix)."""
+    return str(getattr(request.getClientAddress(), "host", "") or "")
+
+
 def client_ip(request: IRequest) -> str:
-    forwarded = header(request, b"x-forwarded-for")
-    if forwarded:
-        return forwarded.split(",")[0].strip()
-    real = header(request, b"x-real-ip")
-    if real:
-        return real.strip()
-    return getattr(request.getClientAddress(), "host", "") or "-"
+    """The client's address, decided once per request by ``FrontResource``
+    (forwarding headers only from trusted proxies); the peer before that."""
+    known = getattr(request, "llamaswap_client", None)
+    return known if known is not None else (peer_ip(request) or "-")
 
 
 class FrontResource(Resource):
@@ -138,9 +141,27 @@ class FrontResource(Resource):
         self.inner = inner
         self.config = config
         self.clock = clock
+        self._trusted: Optional[TrustedProxies] = None
+
+    def trusted(self) -> TrustedProxies:
+        networks = self.config().trusted_proxies
+        if self._trusted is None or self._trusted.source != networks:
+            self._trusted = TrustedProxies(networks)
+            self._trusted.source = networks
+        return self._trusted
+
+    def identify(self, request: IRequest) -> None:
+        """Decide who is asking, once: the client address and the upstream's
+        ``X-Forwarded-For`` (a malformed header never fails the request)."""
+        peer = peer_ip(request)
+        trusted = self.trusted()
+        xff = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or ()
+        request.llamaswap_client = trusted.client(peer, xff, request.getHeader(b"x-real-ip"))
+        request.llamaswap_forwarded_for = trusted.forwarded_for(peer, xff)
 
     def render(self, request: IRequest):
         request.llamaswap_started = self.clock.seconds()
+        self.identify(request)
         if request.method == b"OPTIONS":
             asked = header(request, b"access-control-request-headers")
             tokens = [t.strip() for t in asked.split(",") if _TOKEN.match(t.strip())]
@@ -615,7 +636,8 @@ class LlamaSwapApp:
         if req_path not in MODEL_ROUTES:
             return None
         limit = self.captures.max_bytes if self.captures is not None and self.captures.enabled else 0
-        return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit)
+        return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit,
+                                remote_ip=client_ip(request))
 
     def _record(self, recorder: ActivityRecorder) -> None:
         entry = recorder.finish()
@@ -673,8 +695,8 @@ class LlamaSwapApp:
                 info.body, info.parsed, info.ctype, info.model_name, model)
             url = model.proxy.rstrip("/") + info.upstream_path + (
                 "?" + info.query.decode("latin-1") if info.query else "")
-            headers = upstream_headers(request.requestHeaders, entry.remote_ip,
-                                       "https" if request.isSecure() else "http", request.getHeader(b"host"))
+            headers = upstream_headers(request.requestHeaders, forwarded_for(request),
+                                       b"https" if request.isSecure() else b"http", request.getHeader(b"host"))
             if recorder is not None:  # only encodings the activity parser can read
                 accepted = filter_accept_encoding(header(request, b"accept-encoding"))
                 if accepted:
@@ -774,6 +796,12 @@ class _RequestInfo:
         self.body, self.parsed, self.ctype = body, parsed, ctype
         self.query, self.model_name, self.upstream_path = query, model_name, upstream_path
         self.passthrough = passthrough
+
+
+def forwarded_for(request: IRequest) -> bytes:
+    """The ``X-Forwarded-For`` value for the upstream (see ``FrontResource.identify``)."""
+    value = getattr(request, "llamaswap_forwarded_for", None)
+    return value if value is not None else (peer_ip(request) or "-").encode("latin-1", "replace")
 
 
 def _json_object(body: bytes):

@@ -64,7 +64,7 @@ SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
 SELECTOR_SPILLOVER = 1
 
 # proxy (llamaswap addition: request bodies are read with a bound)
-MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024  # as the README's nginx block (client_max_body_size 64m)
 
 # clients: X-Forwarded-For / X-Real-IP are believed only from these peers
 TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")

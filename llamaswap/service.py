@@ -106,13 +106,17 @@ class LlamaSwapService(MultiService):
         yield self.drain(SHUTDOWN_GRACE)
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
         if self._retiring:
-            yield defer.gatherResults(list(self._retiring), consumeErrors=True)
+            yield self.all_retired()
         yield self.activity.close()
         if self.perf is not None:
             yield self.perf.stop()
         if self._observing:
             globalLogPublisher.removeObserver(self.hub)
             self._observing = False
+
+    def all_retired(self) -> defer.Deferred:
+        """Fires once every runtime replaced by a reload has stopped its models."""
+        return defer.DeferredList(list(self._retiring), consumeErrors=True).addCallback(lambda _: None)
 
     def reload(self) -> bool:
         """Load the config again; on error keep the old one.  True if applied.
@@ -137,7 +141,9 @@ class LlamaSwapService(MultiService):
             self._retiring.add(retired)
             retired.addBoth(lambda result: self._retiring.discard(retired))
             self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events)
-            self.runtime.router.hold_starts_until(retired)
+            # every older generation still stopping (not just the one replaced now:
+            # quick successive reloads leave several) must be gone first
+            self.runtime.router.hold_starts_until(self.all_retired())
             self.runtime.preload()
             self.events.publish("configReloaded", {"added": sorted(change.added), "removed": sorted(change.removed),
                                                    "changed": sorted(change.changed)})

@@ -531,6 +531,54 @@ class ReloadTests(Harness):
         self.assertNotEqual(json.loads(body)["pid"], old_pid)
 
 
+    @defer.inlineCallbacks
+    def test_quick_reloads_never_overlap_generations(self):
+        """Three reloads in quick succession with a SIGTERM-ignoring upstream on
+        one fixed port: the newest model may start only once every older
+        generation's process is gone (not just the previous generation's)."""
+        import llamaswap.service
+
+        self.patch(llamaswap.service, "SHUTDOWN_GRACE", 2.0)  # SIGKILL the old generations after 2 s, not 30
+        port = free_port()
+        path = self.mktemp()
+
+        def write(generation: int) -> None:
+            cmd = (f"{PY} -m llamaswap.testing.responder --port {port} --id A --silent --ignore-sigterm"
+                   f" --respond gen{generation}")
+            with open(path, "w") as f:
+                f.write(textwrap.dedent(f"""
+                    healthCheckTimeout: 15
+                    hooks: {{on_startup: {{preload: [A]}}}}
+                    models:
+                      A: {{cmd: "{cmd}", proxy: "http://127.0.0.1:{port}"}}
+                """))
+
+        write(1)
+        with open(path) as f:
+            self.start(f.read())
+        self.service.config_path = path
+        response, body = yield self.chat("A")
+        self.assertEqual(json.loads(body)["responseMessage"], "gen1")
+        old_pids = [self.runtime.processes["A"].pid]
+        overlaps = []
+
+        def on_event(kind, data):
+            if kind == "modelStatus" and data["id"] == "A" and data["state"] == "starting":
+                overlaps.extend(pid for pid in old_pids if pid_alive(pid))
+
+        unsubscribe = self.service.events.subscribe(on_event)
+        self.addCleanup(unsubscribe)
+        for generation in (2, 3, 4):
+            write(generation)
+            self.assertTrue(self.service.reload())
+        response, body = yield self.chat("A")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["responseMessage"], "gen4")
+        self.assertEqual(overlaps, [])
+        self.assertFalse(pid_alive(old_pids[0]))
+        self.assertEqual(self.service._retiring, set())
+
+
 class UploadGuardTests(Harness):
     @defer.inlineCallbacks
     def upload(self, headers, size):

@@ -38,7 +38,7 @@ from ..proxy.filters import (
     apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
 )
 from ..proxy.loading import LoadingStream
-from ..proxy.stream import UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
+from ..proxy.stream import UpstreamBodyIdle, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
 from ..router.local import RoutingError
 from ..clientaddr import TrustedProxies
 from .auth import extract_api_key, key_allowed
@@ -158,6 +158,12 @@ class FrontResource(Resource):
         xff = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or ()
         request.llamaswap_client = trusted.client(peer, xff, request.getHeader(b"x-real-ip"))
         request.llamaswap_forwarded_for = trusted.forwarded_for(peer, xff)
+        proto = b"https" if request.isSecure() else b"http"
+        if peer and trusted.trusts(peer):  # a TLS-terminating proxy in front says what the client used
+            claimed = (request.getHeader(b"x-forwarded-proto") or b"").strip().lower()
+            if claimed in (b"http", b"https"):
+                proto = claimed
+        request.llamaswap_proto = proto
 
     def render(self, request: IRequest):
         request.llamaswap_started = self.clock.seconds()
@@ -617,7 +623,8 @@ class LlamaSwapApp:
             raise
         finally:
             self.inflight.remove(entry)
-            status = status or request.code
+            broke_off = getattr(request, "llamaswap_broke_off", None)  # (status, message): cut mid-response
+            status = status or (broke_off[0] if broke_off else request.code)
             if recorder is not None:
                 if status == CLIENT_CLOSED and recorder.status is None:
                     recorder.on_headers(CLIENT_CLOSED, {})
@@ -696,7 +703,7 @@ class LlamaSwapApp:
             url = model.proxy.rstrip("/") + info.upstream_path + (
                 "?" + info.query.decode("latin-1") if info.query else "")
             headers = upstream_headers(request.requestHeaders, forwarded_for(request),
-                                       b"https" if request.isSecure() else b"http", request.getHeader(b"host"))
+                                       forwarded_proto(request), request.getHeader(b"host"))
             if recorder is not None:  # only encodings the activity parser can read
                 accepted = filter_accept_encoding(header(request, b"accept-encoding"))
                 if accepted:
@@ -717,10 +724,29 @@ class LlamaSwapApp:
                 if recorder is not None:
                     recorder.on_headers(response.code, flat)
 
+            def broke_off(status: int, message: str) -> bytes:
+                """The response was cut after its head went out: the client sees it
+                end incomplete; activity and metrics record the failure."""
+                request.llamaswap_broke_off = (status, message)
+                if recorder is not None:
+                    recorder.fail(status, message)
+                _abort(request)
+                return b""
+
+            timeouts = model.timeouts
             try:
                 await forward(runtime.agents[model_id], request, url.encode(), body, headers,
                               on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None,
-                              clock=self.clock, header_timeout=model.timeouts.response_header)
+                              clock=self.clock, header_timeout=timeouts.response_header,
+                              body_idle=timeouts.body_idle, expect_continue=timeouts.expect_continue)
+            except UpstreamBodyIdle as e:
+                self.log.warn("{model}: upstream stalled: {error}", model=model_id, error=str(e))
+                message = f"upstream timed out: {e}"
+                if request.startedWriting:
+                    return broke_off(504, message)
+                if recorder is not None:
+                    recorder.fail(504, message)
+                return send_error(request, 504, message)
             except (UpstreamUnavailable, UpstreamTimeout) as e:
                 status, message = (504, f"upstream timed out: {e}") if isinstance(e, UpstreamTimeout) else (
                     502, f"upstream not reachable: {e}")
@@ -735,8 +761,9 @@ class LlamaSwapApp:
             except Exception as e:  # the upstream died mid-response (crash)
                 self.log.warn("{model}: upstream response failed: {error}", model=model_id, error=str(e))
                 if request.startedWriting:
-                    _abort(request)
-                    return b""
+                    return broke_off(502, f"upstream response failed: {e}")
+                if recorder is not None:
+                    recorder.fail(502, f"upstream response failed: {e}")
                 return send_error(request, 502, f"upstream response failed: {e}")
             return b""
         finally:
@@ -796,6 +823,12 @@ class _RequestInfo:
         self.body, self.parsed, self.ctype = body, parsed, ctype
         self.query, self.model_name, self.upstream_path = query, model_name, upstream_path
         self.passthrough = passthrough
+
+
+def forwarded_proto(request: IRequest) -> bytes:
+    """``X-Forwarded-Proto`` for the upstream: ours, or a trusted proxy's."""
+    value = getattr(request, "llamaswap_proto", None)
+    return value if value is not None else (b"https" if request.isSecure() else b"http")
 
 
 def forwarded_for(request: IRequest) -> bytes:

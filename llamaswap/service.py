@@ -29,6 +29,7 @@ from . import logs
 from .inflight import InflightTracker
 from .process import ChildRegistry
 from .runtime import Runtime
+from .sdnotify import ListeningEndpoint, Notifier, ReadyNotifier
 from .server import LlamaSwapApp
 from .server.access import AccessLogSite
 
@@ -39,6 +40,7 @@ class LlamaSwapService(MultiService):
     """Root service: owns the running config (a ``Runtime``) and reloads it."""
 
     log = Logger()
+    notify = Notifier()  # systemd notifications: none unless build_service finds $NOTIFY_SOCKET
 
     def __init__(self, reactor, config: Config, config_path: Optional[str] = None,
                  config_dir: Optional[str] = None, registry: Optional[ChildRegistry] = None):
@@ -127,6 +129,7 @@ class LlamaSwapService(MultiService):
         if self._reloading or not self.running:
             return False
         self._reloading = True
+        self.notify.reloading()
         try:
             try:
                 new = load_config(self.config_path, self.config_dir)
@@ -154,6 +157,7 @@ class LlamaSwapService(MultiService):
             return True
         finally:
             self._reloading = False
+            self.notify.ready()  # applied or not, the config in force serves
 
 
 class ConfigWatcher(TimerService):
@@ -226,16 +230,20 @@ def build_service(
     config_dir: Optional[str] = None,
     watch: bool = False,
     registry: Optional[ChildRegistry] = None,
+    notify: Optional[Notifier] = None,
 ) -> LlamaSwapService:
     root = LlamaSwapService(reactor, config, config_path, config_dir,
                             registry=registry if registry is not None else ChildRegistry())
+    root.notify = notify if notify is not None else Notifier.from_environ()
     SighupReload(root).setServiceParent(root)
     if watch:
         ConfigWatcher(root).setServiceParent(root)
     site = AccessLogSite(root.api.resource(), reactor)
-    for description in endpoints:
-        http = StreamServerEndpointService(serverFromString(reactor, description), site)
+    listeners = [ListeningEndpoint(serverFromString(reactor, d), d) for d in endpoints]
+    for listener in listeners:
+        http = StreamServerEndpointService(listener, site)
         http._raiseSynchronously = True  # a bind error aborts start-up loudly
-        http.setName(f"http:{description}")
+        http.setName(f"http:{listener.description}")
         http.setServiceParent(root)
+    ReadyNotifier(root.notify, listeners).setServiceParent(root)  # last: READY after listening, first to stop
     return root

@@ -88,7 +88,7 @@ class RegistryTests(SynchronousTestCase):
 
     def test_sweep_dead_leader_without_members(self) -> None:
         pid = unused_pid()
-        os.makedirs(self.dir)
+        os.makedirs(self.dir, mode=0o700)
         data = dict(pid=pid, pgid=pid, create_time=1.0, model="m", argv=["x"], owner_pid=DEAD_OWNER[0], owner_create_time=1.0)
         with open(os.path.join(self.dir, f"child-{pid}.json"), "w") as f:
             json.dump(data, f)
@@ -99,7 +99,7 @@ class RegistryTests(SynchronousTestCase):
     def test_sweep_dead_leader_with_surviving_member(self) -> None:
         pid = unused_pid()
         self.patch(registry_module, "_group_members", lambda pgid, since: [12345] if pgid == pid else [])
-        os.makedirs(self.dir)
+        os.makedirs(self.dir, mode=0o700)
         data = dict(pid=pid, pgid=pid, create_time=1.0, model="m", argv=["x"], owner_pid=DEAD_OWNER[0], owner_create_time=1.0)
         with open(os.path.join(self.dir, f"child-{pid}.json"), "w") as f:
             json.dump(data, f)
@@ -107,7 +107,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(self.killed, [(pid, signal.SIGKILL)])
 
     def test_sweep_removes_unreadable_records(self) -> None:
-        os.makedirs(self.dir)
+        os.makedirs(self.dir, mode=0o700)
         for name in ("child-1.json", "child-2.json"):
             with open(os.path.join(self.dir, name), "w") as f:
                 f.write("{not json" if name == "child-1.json" else "{}")

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from .config import Config
 from .events import EventBus
@@ -40,12 +40,18 @@ class Runtime:
                 registry=registry,
             )
         self.router = LocalRouter(reactor, config, self.processes, events=self.events)
-        self.pool = make_pool(reactor)
-        # one Agent per model over the shared pool: each with its model's connect timeout
-        self.agents = {
-            model_id: Agent(reactor, connectTimeout=model.timeouts.connect or None, pool=self.pool)
-            for model_id, model in config.models.items()
-        }
+        # one Agent per model, with its model's connect timeout, over a pool per
+        # distinct (idleConn, keepalive, tlsHandshake): those are the pool's connections' settings
+        self.pools: dict[tuple, HTTPConnectionPool] = {}
+        self.agents: dict[str, Agent] = {}
+        for model_id, model in config.models.items():
+            t = model.timeouts
+            key = (t.idle_conn, t.keepalive, t.tls_handshake)
+            pool = self.pools.get(key)
+            if pool is None:
+                pool = self.pools[key] = make_pool(reactor, idle=t.idle_conn, keepalive=t.keepalive,
+                                                   tls_handshake=t.tls_handshake)
+            self.agents[model_id] = Agent(reactor, connectTimeout=t.connect or None, pool=pool)
         self.closed = False
 
     def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
@@ -77,7 +83,7 @@ class Runtime:
 
         def close(_):
             closes = [p.close() for p in self.processes.values()]
-            closes.append(self.pool.closeCachedConnections())
+            closes.extend(pool.closeCachedConnections() for pool in self.pools.values())
             return defer.gatherResults(closes, consumeErrors=True)
 
         return d.addBoth(close).addCallback(lambda _: None)

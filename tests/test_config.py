@@ -11,7 +11,8 @@ from llamaswap.config import ConfigError, diff, load_config, load_config_text, p
 from llamaswap.config.dsl import DSLError, expand_sets, parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "reference")
+# copies of the reference example configs, so a clone of this repository alone runs the tests
+DATA = os.path.join(HERE, "data")
 EXAMPLE_ENV = {"HOME": "/home/u", "API_KEY_1": "k1", "API_KEY_2": "k2", "OPENROUTER_API_KEY": "or-key"}
 
 
@@ -96,7 +97,8 @@ class DefaultsTests(SynchronousTestCase):
                     "${MODEL_ID}:hi": {x: 1}
                 metadata: {k: v}
                 sendLoadingState: false
-                timeouts: {connect: 1, keepalive: 2, responseHeader: 3, tlsHandshake: 4, expectContinue: 5, idleConn: 6}
+                timeouts: {connect: 1, keepalive: 2, responseHeader: 3, tlsHandshake: 4, expectContinue: 5, idleConn: 6,
+                           bodyIdle: 7.5}
                 compat: {ignoreWebsockets: true}
                 capabilities: {in: [text, image], out: [text], tools: true, reranker: true, context: 8192}
         """)
@@ -118,7 +120,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(thaw(m.filters.set_params_by_id), {"m:hi": {"x": 1}})
         self.assertEqual(thaw(m.metadata), {"k": "v"})
         self.assertFalse(m.send_loading_state)
-        self.assertEqual(tuple(m.timeouts.__dict__.values()), (1, 2, 3, 4, 5, 6))
+        self.assertEqual(tuple(m.timeouts.__dict__.values()), (1, 2, 3, 4, 5, 6, 7.5))
         self.assertTrue(m.ignore_websockets)
         self.assertEqual(m.capabilities.inputs, ("text", "image"))
         self.assertEqual(m.capabilities.context, 8192)
@@ -537,12 +539,12 @@ class ExampleConfigTests(SynchronousTestCase):
     """The reference examples are documentation: exactly their known problems are reported."""
 
     def example(self, name):
-        with open(os.path.join(SHARED, name)) as f:
+        with open(os.path.join(DATA, name)) as f:
             return f.read()
 
     def test_current_example_errors(self):
         with self.assertRaises(ConfigError) as ctx:
-            load_config(os.path.join(SHARED, "config.example.yaml"), environ=EXAMPLE_ENV)
+            load_config(os.path.join(DATA, "config.example.yaml"), environ=EXAMPLE_ENV)
         errors = ctx.exception.errors
         self.assertTrue(errors[0].startswith("models.unlisted-model.proxy (line "))
         self.assertIn("proxy uses ${PORT} but cmd does not", errors[0])
@@ -555,7 +557,7 @@ class ExampleConfigTests(SynchronousTestCase):
 
     def test_seed_era_example_errors(self):
         with self.assertRaises(ConfigError) as ctx:
-            load_config(os.path.join(SHARED, "config.example.seed-era.yaml"), environ=EXAMPLE_ENV)
+            load_config(os.path.join(DATA, "config.example.seed-era.yaml"), environ=EXAMPLE_ENV)
         self.assertEqual(len(ctx.exception.errors), 7)
         self.assertTrue(all(e.startswith("matrix.vars.") for e in ctx.exception.errors))
 

@@ -186,7 +186,7 @@ class ResponderEndpointTests(InProcessMixin, TestCase):
         stats = yield self.stats()
         self.assertEqual(
             stats,
-            {"id": "model1", "pid": os.getpid(), "requests": 0, "in_flight": 0, "cancelled": 0},
+            {"id": "model1", "pid": os.getpid(), "requests": 0, "in_flight": 0, "cancelled": 0, "paused": 0},
         )
         yield self.request("GET", "/health")
         yield self.post_json("/v1/chat/completions", {})

@@ -3,7 +3,9 @@
 The proxy calls ``on_headers`` and ``on_chunk`` while it relays the response;
 ``finish`` builds the :class:`ActivityEntry`.  The response body is kept only
 when a capture needs it (bounded by the capture store's size) and is
-decompressed for the capture, as llama-swap stores it.
+decompressed for the capture, as llama-swap stores it.  ``finish_steps`` and
+``capture_steps`` do the heavy part (scanning a big response, inflating a big
+body) a step at a time, for :func:`llamaswap.steps.run_in_slices`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import zlib
 from typing import Mapping, Optional
 
+from ..steps import Steps, drive
 from .captures import CAPTURE_RESP_BODY, Capture, build_capture, capture_mask
 from .parse import ResponseParser, duration_ms
 from .store import ActivityEntry
@@ -18,16 +21,46 @@ from .store import ActivityEntry
 CLIENT_CLOSED = 499  # the client went away before the response was complete
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+#: Output inflated per step when decompressing a captured body.
+PIECE = 512 * 1024
+
+
+def _inflate(body: bytes, wbits: int, limit: int) -> "Steps[Optional[bytes]]":
+    """``body`` inflated ``PIECE`` bytes per step; None past ``limit`` bytes.
+    Raises ``zlib.error`` on a corrupt stream."""
+    obj = zlib.decompressobj(wbits)
+    out: list[bytes] = []
+    size = 0
+    data = body
+    while True:
+        piece = obj.decompress(data, PIECE)
+        size += len(piece)
+        if size > limit:
+            return None
+        out.append(piece)
+        data = obj.unconsumed_tail
+        if obj.eof or (not data and len(piece) < PIECE):
+            break
+        yield
+    tail = obj.flush()
+    if size + len(tail) > limit:
+        return None
+    out.append(tail)
+    return b"".join(out)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> "Steps[Optional[bytes]]":
+    """The body as the client sees it, for a capture; None when it inflates past ``limit``
+    (left out, as a body that big could never be stored, rather than cut)."""
     encoding = encoding.lower().strip()
     if encoding not in ("gzip", "x-gzip", "deflate"):
         return body
     wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS
     try:
-        return zlib.decompressobj(wbits).decompress(body, limit)
+        return (yield from _inflate(body, wbits, limit))
     except zlib.error:
         try:
-            return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, limit)
+            return (yield from _inflate(body, -zlib.MAX_WBITS, limit))
         except zlib.error:
             return body
 
@@ -55,6 +88,7 @@ class ActivityRecorder:
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.keep_body = bool(capture_limit) and bool(self.mask & CAPTURE_RESP_BODY)
+        self.failure: Optional[str] = None
 
     def on_headers(self, status: int, headers: Mapping[str, str]) -> None:
         self.status = status
@@ -81,11 +115,24 @@ class ActivityRecorder:
             self.on_headers(status, {"Content-Type": content_type})
             self.on_chunk(body)
 
+    def fail(self, status: int, message: str) -> None:
+        """The response failed after its head came (upstream died, timeouts.bodyIdle):
+        record ``status`` and ``message`` instead of the upstream's status."""
+        if self.status is None:
+            self.on_headers(status, {})
+        self.status = status
+        self.failure = message
+
     def finish(self) -> ActivityEntry:
+        return drive(self.finish_steps())
+
+    def finish_steps(self) -> "Steps[ActivityEntry]":
+        """:meth:`finish` in steps: a big non-streaming response is scanned in
+        slices (see :mod:`llamaswap.steps`)."""
         tokens = None
         error = None
         if self.parser is not None:
-            result = self.parser.finish()
+            result = yield from self.parser.finish_steps()
             tokens, error = result.tokens, result.error_msg
         wall_ms = int((self.clock.seconds() - self.started) * 1000)
         entry = ActivityEntry(
@@ -98,13 +145,31 @@ class ActivityRecorder:
             entry.tokens = tokens
         if self.status == CLIENT_CLOSED:
             entry.error_msg = "client disconnected"
+        if self.failure is not None:
+            entry.error_msg = self.failure
         return entry
 
     def capture(self, entry_id: int) -> Optional[Capture]:
+        return drive(self.capture_steps(entry_id))
+
+    def capture_steps(self, entry_id: int) -> "Steps[Optional[Capture]]":
+        """The capture for ``entry_id`` (None when captures are off).
+
+        Size limits come before any work: a request body larger than the
+        capture limit (the whole store) is left out, as the response body
+        already is once it outgrows it (``on_chunk``), and a compressed
+        response body is inflated in steps and left out the moment it passes
+        the limit; so nothing too big is ever decompressed, CBOR-encoded or
+        compressed."""
         if not self.capture_limit:
             return None
         body = None
         if self.mask & CAPTURE_RESP_BODY and self.keep_body and self.status == 200:
-            body = _decompress(b"".join(self.body), self.content_encoding, self.capture_limit)
-        return build_capture(entry_id, self.req_path, self.req_headers, self.req_body,
+            joined = b"".join(self.body)
+            yield
+            body = yield from _decompress(joined, self.content_encoding, self.capture_limit)
+        req_body = self.req_body
+        if req_body is not None and len(req_body) > self.capture_limit:
+            req_body = None
+        return build_capture(entry_id, self.req_path, self.req_headers, req_body,
                              self.resp_headers, body)

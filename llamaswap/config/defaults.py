@@ -42,6 +42,9 @@ MODEL_TIMEOUTS = {
     "tlsHandshake": 10,
     "expectContinue": 1,
     "idleConn": 90,
+    # llamaswap addition: longest silence between upstream body bytes before the
+    # response is cut (0 = off: prompt processing can take minutes)
+    "bodyIdle": 0,
 }
 PEER_TIMEOUTS = dict(MODEL_TIMEOUTS, responseHeader=60)
 MODALITIES = ("text", "audio", "image")

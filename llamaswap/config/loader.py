@@ -405,6 +405,11 @@ class _Builder:
                           ("responseHeader", "response_header"), ("tlsHandshake", "tls_handshake"),
                           ("expectContinue", "expect_continue"), ("idleConn", "idle_conn")):
             values[attr] = f.int(key, base[key], minimum=0)
+        body_idle = f.number("bodyIdle", base["bodyIdle"])
+        if body_idle < 0:
+            f.error("bodyIdle", "must be >= 0")
+            body_idle = base["bodyIdle"]
+        values["body_idle"] = body_idle
         f.finish()
         return Timeouts(**values)
 

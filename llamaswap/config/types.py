@@ -37,7 +37,8 @@ def thaw(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Transport timeouts towards an upstream, in seconds (0 = none)."""
+    """Transport timeouts towards an upstream, in seconds (0 = none); each
+    takes effect in ``llamaswap.proxy.stream`` / ``llamaswap.httpclient``."""
 
     connect: int = D.MODEL_TIMEOUTS["connect"]
     keepalive: int = D.MODEL_TIMEOUTS["keepalive"]
@@ -45,6 +46,7 @@ class Timeouts:
     tls_handshake: int = D.MODEL_TIMEOUTS["tlsHandshake"]
     expect_continue: int = D.MODEL_TIMEOUTS["expectContinue"]
     idle_conn: int = D.MODEL_TIMEOUTS["idleConn"]
+    body_idle: float = D.MODEL_TIMEOUTS["bodyIdle"]
 
 
 @dataclass(frozen=True)

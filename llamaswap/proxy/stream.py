@@ -10,7 +10,13 @@ the upstream status and headers to the client (hop-by-hop headers dropped,
   client disconnects) aborts the upstream connection, so the upstream stops
   generating;
 * an upstream connection failure is a ``UpstreamUnavailable`` (the router
-  answers 502); upstream error statuses pass through unchanged.
+  answers 502); upstream error statuses pass through unchanged;
+* timeouts (``timeouts.*`` of the model): response headers within
+  ``header_timeout`` (``UpstreamTimeout``), no pause longer than ``body_idle``
+  between body bytes (``UpstreamBodyIdle``), and ``Expect: 100-continue``
+  honoured for at most ``expect_continue`` seconds before the body goes
+  anyway.  Connect, TLS handshake, TCP keepalive and idle pooled connections
+  are the pool's and Agent's business (``make_pool``, ``llamaswap.httpclient``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ class UpstreamTimeout(Exception):
     """The upstream sent no response headers within ``timeouts.responseHeader``."""
 
 
+class UpstreamBodyIdle(Exception):
+    """The upstream sent no body byte for ``timeouts.bodyIdle`` seconds mid-response."""
+
+
+# idleConn 0 means "no limit" (Go's IdleConnTimeout); the pool wants a number
+NO_IDLE_LIMIT = 10 * 365 * 86400.0
+
+
 def describe_failure(failure: Failure) -> str:
     """A short reason, also for the lists of Failures Agent wraps errors in."""
     reasons = getattr(failure.value, "reasons", None)
@@ -80,6 +94,57 @@ class BytesProducer:
 
     def stopProducing(self):
         pass
+
+
+@implementer(IBodyProducer)
+class ContinueBody(BytesProducer):
+    """A body sent with ``Expect: 100-continue``, as Go's ExpectContinueTimeout:
+    the request headers go at once, the body once the upstream answers
+    anything (``100 Continue`` or a final status) or after ``wait`` seconds."""
+
+    def __init__(self, body: bytes, clock, wait: float):
+        super().__init__(body)
+        self.clock = clock
+        self.wait = wait
+        self.protocol = None
+        self.consumer = None
+        self.finished: Optional[defer.Deferred] = None
+        self.timer = None
+
+    def bind_protocol(self, protocol) -> None:
+        """Called by the connection's protocol (``llamaswap.httpclient``) before it writes the request."""
+        self.protocol = protocol
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        self.finished = defer.Deferred(lambda d: self._disarm())
+        self.timer = self.clock.callLater(self.wait, self.send)
+        if self.protocol is not None:
+            self.protocol.on_first_data = self.send
+        return self.finished
+
+    def send(self) -> None:
+        finished = self.finished
+        self._disarm()
+        if finished is None or finished.called:
+            return
+        self.consumer.write(self.body)
+        finished.callback(None)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.protocol is not None and self.protocol.on_first_data == self.send:
+            self.protocol.on_first_data = None
+        self.finished = None
+
+    def stopProducing(self):
+        self._disarm()  # the connection went away: never write, never fire
+
+
+def wants_continue(headers: Headers) -> bool:
+    return any(v.strip().lower() == b"100-continue" for v in headers.getRawHeaders(b"expect", []))
 
 
 def upstream_headers(headers: Headers, forwarded_for: bytes, proto: bytes, host: Optional[bytes]) -> Headers:
@@ -115,7 +180,7 @@ class _Relay(Protocol):
     """
 
     def __init__(self, request: IRequest, done: defer.Deferred, on_chunk: Optional[Callable[[bytes], None]],
-                 clock=None):
+                 clock=None, idle: float = 0):
         self.request = request
         self.done = done
         self.on_chunk = on_chunk
@@ -124,6 +189,10 @@ class _Relay(Protocol):
         self.registered = False
         self.pending: list[bytes] = []
         self.flush_call = None
+        self.idle = idle if clock is not None else 0
+        self.idle_call = None
+        self.idle_fired = False
+        self.paused = False
 
     def connectionMade(self) -> None:
         if getattr(self.request, "channel", None) is None:  # client already gone
@@ -131,9 +200,34 @@ class _Relay(Protocol):
             return
         self.request.registerProducer(self, True)
         self.registered = True
+        self._arm_idle()
+
+    # bodyIdle: the upstream must send a byte at least every ``idle`` seconds,
+    # except while the client's flow control holds it back
+
+    def _arm_idle(self) -> None:
+        if self.idle > 0 and not self.paused and not self.idle_fired:
+            if self.idle_call is None:
+                self.idle_call = self.clock.callLater(self.idle, self._idle_expired)
+            else:
+                self.idle_call.reset(self.idle)
+
+    def _disarm_idle(self) -> None:
+        if self.idle_call is not None:
+            if self.idle_call.active():
+                self.idle_call.cancel()
+            self.idle_call = None
+
+    def _idle_expired(self) -> None:
+        self.idle_call = None
+        self.idle_fired = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # drop the upstream connection
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
+        if self.idle_call is not None:
+            self.idle_call.reset(self.idle)
         if self.clock is None:
             self._write(data)
             return
@@ -158,6 +252,7 @@ class _Relay(Protocol):
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._disarm_idle()
         if self.flush_call is not None:
             self.flush_call.cancel()
             self.flush_call = None
@@ -169,19 +264,26 @@ class _Relay(Protocol):
         self.registered = False
         if self.done.called:
             return
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+        if self.idle_fired:
+            self.done.errback(Failure(UpstreamBodyIdle(
+                f"no data from the upstream for {self.idle:g}s (timeouts.bodyIdle)")))
+        elif reason is None or reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(self.bytes)
         else:
             self.done.errback(reason)
 
     # IPushProducer, driven by the client connection
     def pauseProducing(self) -> None:
+        self.paused = True
+        self._disarm_idle()  # a slow client is not an idle upstream
         if self.transport is not None:
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self.paused = False
         if self.transport is not None:
             self.transport.resumeProducing()
+            self._arm_idle()
 
     def stopProducing(self) -> None:
         if self.transport is not None:
@@ -212,13 +314,20 @@ def forward(
     write_head: bool = True,
     clock=None,
     header_timeout: float = 0,
+    body_idle: float = 0,
+    expect_continue: float = 0,
 ) -> defer.Deferred:
     """Proxy ``request`` to ``url``; fires with the number of body bytes relayed.
 
     Cancelling the Deferred aborts the upstream request at whatever stage it is.
     With ``write_head=False`` the status and headers were already sent (the
     loading-state stream) and only the body is relayed.  ``header_timeout``
-    (seconds, 0 = none) bounds the wait for the upstream's response headers.
+    (seconds, 0 = none) bounds the wait for the upstream's response headers;
+    ``body_idle`` (0 = none) the silence between body bytes (the upstream
+    connection is then dropped and the Deferred fails with
+    ``UpstreamBodyIdle``).  When ``headers`` carry ``Expect: 100-continue``,
+    the body waits up to ``expect_continue`` seconds (0 = not at all) for the
+    upstream's first answer.  The timers need ``clock``.
     """
     relay_holder: dict = {}
 
@@ -232,7 +341,10 @@ def forward(
 
     done: defer.Deferred = defer.Deferred(cancel)
     method = request.method
-    producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
+    if body and expect_continue > 0 and clock is not None and wants_continue(headers):
+        producer = ContinueBody(body, clock, expect_continue)
+    else:
+        producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
     pending = agent.request(method, url, headers, producer)
     relay_holder["pending"] = pending
     timer = None
@@ -254,7 +366,7 @@ def forward(
                 copy_response_headers(response, request)
             if on_headers is not None:
                 on_headers(response)
-            relay = _Relay(request, done, on_chunk, clock)
+            relay = _Relay(request, done, on_chunk, clock, body_idle)
             relay_holder["relay"] = relay
             response.deliverBody(relay)
         except Exception:
@@ -287,9 +399,14 @@ def make_agent(reactor, connect_timeout: float = 30.0, max_per_host: int = 64) -
     return Agent(reactor, connectTimeout=connect_timeout or None, pool=pool), pool
 
 
-def make_pool(reactor, max_per_host: int = 64) -> HTTPConnectionPool:
-    """The persistent, quiet connection pool upstream requests share (close it on shutdown)."""
-    pool = quiet_pool(reactor, persistent=True)
+def make_pool(reactor, max_per_host: int = 64, idle: float = 60, keepalive: float = 0,
+              tls_handshake: float = 0) -> HTTPConnectionPool:
+    """A persistent, quiet connection pool for upstream requests (close it on shutdown).
+
+    ``idle``: seconds an unused keep-alive connection stays cached (0 = no
+    limit); ``keepalive``: TCP keepalive period of its sockets (0 = off);
+    ``tls_handshake``: bound on an https connection's handshake (0 = none)."""
+    pool = quiet_pool(reactor, persistent=True, keepalive=keepalive, tls_handshake=tls_handshake)
     pool.maxPersistentPerHost = max_per_host
-    pool.cachedConnectionTimeout = 60
+    pool.cachedConnectionTimeout = idle if idle > 0 else NO_IDLE_LIMIT
     return pool

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from typing import Callable, Optional
 from urllib.parse import unquote
@@ -35,8 +36,14 @@ from ..metrics import InferenceMetrics
 from ..perf.monitor import INVALID_AFTER, parse_after
 from ..process import ProcessState
 from ..proxy.filters import (
-    apply_json_filters, filters_active, requested_model, rewrite_multipart_model,
+    LARGE_BODY, apply_json_filters, filter_scanned, filters_active, requested_model_steps,
+    rewrite_multipart_model,
 )
+from ..jsonscan import ObjectScan, scan_object
+from ..steps import run_in_slices
+
+#: A big request body is read from its spool file this many bytes per step.
+READ_PIECE = 4 * 1024 * 1024
 from ..proxy.loading import LoadingStream
 from ..proxy.stream import UpstreamBodyIdle, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
 from ..router.local import RoutingError
@@ -75,6 +82,7 @@ def header_out(request: IRequest, name: bytes) -> str:
     return values[-1].decode("latin-1") if values else ""
 
 
+RECORD_ERROR_EVERY = 60.0  # seconds between reports of activity rows that could not be stored
 CLIENT_CLOSED = RECORDER_CLIENT_CLOSED  # nginx's 499: the client went away first (activity rows, metrics)
 
 
@@ -228,6 +236,8 @@ class LlamaSwapApp:
         self.metrics = metrics
         self.registry = registry
         self.perf = perf
+        self._record_quiet_until = float("-inf")  # see _record_failed
+        self._record_suppressed = 0
 
     def close_streams(self) -> None:
         """End every open log tail and event stream (shutdown)."""
@@ -513,14 +523,22 @@ class LlamaSwapApp:
         except QueryError as e:
             return send_error(request, 400, str(e))
         has = self.captures.has if self.captures is not None else None
-        return send_json(request, await self.activity.query(query, has_capture=has))
+        try:
+            page = await self.activity.query(query, has_capture=has)
+        except (sqlite3.Error, RuntimeError) as e:
+            return send_error(request, 503, f"activity store unavailable: {e}")
+        return send_json(request, page)
 
     @app.route("/api/metrics/stats", methods=["GET"])
     async def metrics_stats(self, request: IRequest):
         if self.activity is None:
             return send_error(request, 503, "activity store unavailable")
         model = (request.args.get(b"model") or [b""])[0].decode("utf-8", "replace") or None
-        return send_json(request, await self.activity.stats(model))
+        try:
+            stats = await self.activity.stats(model)
+        except (sqlite3.Error, RuntimeError) as e:
+            return send_error(request, 503, f"activity store unavailable: {e}")
+        return send_json(request, stats)
 
     @app.route("/api/captures", methods=["GET"])
     def captures_stats(self, request: IRequest) -> bytes:
@@ -572,35 +590,53 @@ class LlamaSwapApp:
             return send_text(request, "404 page not found", 404)
         return defer.ensureDeferred(self.dispatch(request, "/" + rest))
 
-    def _read_body(self, request: IRequest) -> Optional[bytes]:
+    def _read_body(self, request: IRequest):
+        """Steps (see ``llamaswap.steps``) that return the body, or None when it is too large.
+
+        A big body (spooled to a temporary file by twisted.web) is read
+        ``READ_PIECE`` bytes per step: one ``read`` of 30 MiB holds the reactor
+        for over 10 ms."""
         limit = self.config.max_request_body_bytes
         declared = request.getHeader(b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return None
         content = request.content
         content.seek(0, 2)
-        if content.tell() > limit:
+        size = content.tell()
+        if size > limit:
             return None
         content.seek(0)
-        return content.read()
+        if size <= LARGE_BODY:
+            return content.read()
+        pieces = []
+        while True:
+            piece = content.read(READ_PIECE)
+            if not piece:
+                break
+            pieces.append(piece)
+            yield
+        return b"".join(pieces)
 
     async def dispatch(self, request: IRequest, upstream_path: str, model_name: Optional[str] = None):
         """Find the model a request names, then serve it through the router.
 
         ``model_name`` given means ``/upstream/<model>/...``: a passthrough
         (no body filters, as llama-swap)."""
-        body = self._read_body(request)
+        body = await run_in_slices(self._read_body(request), self.clock)
         if body is None:
             return send_error(request, 413, "request body too large")
         query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
         ctype = header(request, b"content-type")
         parsed = None
         if model_name is None:
-            model_name, parsed = requested_model(request.method, ctype, body, query)
+            # a big body is scanned in slices (an ObjectScan, not a dict): see proxy/filters.py
+            model_name, parsed = await run_in_slices(
+                requested_model_steps(request.method, ctype, body, query), self.clock)
             if not model_name:
                 return send_error(request, 404, "no model id could be identified")
         elif "application/json" in ctype.lower():
-            parsed = _json_object(body)
+            parsed = _json_object(body) if len(body) <= LARGE_BODY else await run_in_slices(
+                scan_object(body), self.clock)
         model_id = self.config.real_model_name(model_name)
         if model_id is None:
             return send_error(request, 404, "no router for requested model")
@@ -647,18 +683,44 @@ class LlamaSwapApp:
                                 remote_ip=client_ip(request))
 
     def _record(self, recorder: ActivityRecorder) -> None:
-        entry = recorder.finish()
-        if self.metrics is not None:
-            self.metrics.count_tokens(entry.model, entry.tokens)
+        """The activity row, then the capture.  Heavy parts (scanning a big
+        response, inflating and compressing a big capture) run in slices
+        (``llamaswap.steps``); for ordinary requests every step finishes at once."""
+        def finished(entry):
+            if self.metrics is not None:
+                self.metrics.count_tokens(entry.model, entry.tokens)
+            return self.activity.add(entry)
 
-        def stored(entry_id: int) -> None:
-            capture = recorder.capture(entry_id)
-            if capture is not None:
-                self.captures.add(capture)
-            self.events.publish("activity", {"id": entry_id})
+        def captured(capture, entry_id: int):
+            if capture is None:
+                return None
+            return self.captures.submit(capture, self.clock)
 
-        self.activity.add(entry).addCallback(stored).addErrback(
-            lambda f: self.log.failure("recording activity failed", f))
+        def stored(entry_id: int):
+            d = run_in_slices(recorder.capture_steps(entry_id), self.clock)
+            d.addCallback(captured, entry_id)
+            d.addCallback(lambda _: self.events.publish("activity", {"id": entry_id}))
+            return d
+
+        d = run_in_slices(recorder.finish_steps(), self.clock)
+        d.addCallback(finished).addCallback(stored).addErrback(self._record_failed)
+
+    def _record_failed(self, failure) -> None:
+        """An activity row could not be stored (a full disk, a store that did not
+        open): the request was served all the same.  At most one report per
+        ``RECORD_ERROR_EVERY`` seconds, counting the failures in between, so a
+        broken store does not put a traceback in the log for every request."""
+        now = self.clock.seconds()
+        if now < self._record_quiet_until:
+            self._record_suppressed += 1
+            return
+        more, self._record_suppressed = self._record_suppressed, 0
+        self._record_quiet_until = now + RECORD_ERROR_EVERY
+        since = f" ({more} more since the last report)" if more else ""
+        if failure.check(sqlite3.Error, RuntimeError):
+            self.log.error("recording activity failed: {error}{since}", error=failure.getErrorMessage(), since=since)
+        else:
+            self.log.failure("recording activity failed{since}", failure, since=since)
 
     async def _serve(self, request: IRequest, runtime, model_id: str, info: "_RequestInfo", entry,
                      recorder: Optional[ActivityRecorder] = None):
@@ -772,6 +834,8 @@ class LlamaSwapApp:
     def _filter_body(self, body: bytes, parsed, ctype: str, requested: str, model) -> bytes:
         if not filters_active(requested, model.filters, model.use_model_name):
             return body
+        if isinstance(parsed, ObjectScan):  # a big body: only the members filters touch are re-encoded
+            return filter_scanned(parsed, requested, model.filters, model.use_model_name)
         if parsed is not None:
             filtered = apply_json_filters(parsed, requested, model.filters, model.use_model_name)
             return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False).encode()

@@ -53,6 +53,16 @@ Command line flags
     ``grandchild pid N``; used to test that process groups get cleaned up.
 ``--silent``
     Do not print request log lines.
+``--hang-before-headers``
+    Accept every counted request (see ``/__responder/stats``), read it, and
+    never answer it (the connection stays open); ``/health`` still answers.
+``--stall-after N``
+    Completion streams write their first N events, then nothing more while
+    the connection stays open (a wedged generation).
+``--die-after-tokens N``
+    Completion streams write their first N events, then the process exits
+    at once with ``os._exit(DIE_CODE)`` (9), mid-response, like a crash.
+    Meant for child processes only.
 
 Output
 ======
@@ -73,7 +83,9 @@ Endpoints
 JSON responses have ``Content-Type: application/json``; streams are
 ``text/event-stream`` (with ``Cache-Control: no-cache``) written event by
 event.  A request is streamed when its JSON body has ``"stream": true`` or
-the query has ``stream=true``.
+the query has ``stream=true``.  Streams honour backpressure: while the
+client's connection does not take more data, generation pauses (as
+llama-server's blocking socket writes do) and goes on when it drains.
 
 ``GET /health``
     See ``--health-delay``.
@@ -137,11 +149,12 @@ the query has ``stream=true``.
     Streams TEXT (``text/plain``; default: letters and digits) one character
     at a time, waiting D (default ``100ms``) after each character.
 ``GET /__responder/stats``
-    ``{"id", "pid", "requests", "in_flight", "cancelled"}``: counted requests
-    received, counted requests not finished yet, and responses aborted
+    ``{"id", "pid", "requests", "in_flight", "cancelled", "paused"}``: counted
+    requests received, counted requests not finished yet, responses aborted
     because the client disconnected before they were complete (pending
-    generation is stopped then).  ``/health`` and ``/__responder/*`` are not
-    counted.
+    generation is stopped then), and how often a stream was paused because
+    the client did not read (see below).  ``/health`` and ``/__responder/*``
+    are not counted.
 Anything else
     200 with the echo object as body.
 
@@ -176,10 +189,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TextIO, Union
 from urllib.parse import parse_qs
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 __all__ = [
     "EXIT_AFTER_CODE",
@@ -197,6 +211,9 @@ __all__ = [
 
 #: Exit status used by ``--exit-after``.
 EXIT_AFTER_CODE = 3
+#: Exit status of ``--die-after-tokens``.
+DIE_CODE = 9
+_STALL = 3600.0  # seconds a stalled stream waits before it waits again
 
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
@@ -229,6 +246,9 @@ class ResponderOptions:
     ignore_sigterm: bool = False
     fork_grandchild: bool = False
     silent: bool = False
+    hang_before_headers: bool = False
+    stall_after: int | None = None
+    die_after_tokens: int | None = None
 
     @property
     def respond_text(self) -> str:
@@ -278,6 +298,11 @@ def parse_args(argv: list[str] | None = None) -> ResponderOptions:
     add("--ignore-sigterm", action="store_true")
     add("--fork-grandchild", action="store_true")
     add("--silent", action="store_true", help="no request log lines")
+    add("--hang-before-headers", action="store_true", help="never answer counted requests")
+    add("--stall-after", type=_non_negative_int, default=None, metavar="N",
+        help="streams stop after N events, connection kept open")
+    add("--die-after-tokens", type=_non_negative_int, default=None, metavar="N",
+        help="streams write N events, then the process exits (os._exit)")
     return ResponderOptions(**vars(parser.parse_args(argv)))
 
 
@@ -418,6 +443,7 @@ class _BadRequest(Exception):
         self.message = message
 
 
+@implementer(IPushProducer)
 class _Exchange:
     """One request and its (possibly delayed or streamed) response."""
 
@@ -442,6 +468,7 @@ class _Exchange:
         self._pending: IDelayedCall | None = None
         self._stream: Stream | None = None
         self._json: dict[str, Any] | None = None
+        self.paused = False
 
     # request details
 
@@ -537,21 +564,42 @@ class _Exchange:
         request.setHeader(b"cache-control", b"no-cache")
         request.write(b"")  # send the headers now
         self._stream = stream
+        # a full socket pauses generation, as llama-server's blocking writes do
+        request.registerProducer(self, True)
         self._pump()
 
     def _pump(self) -> None:
         self._pending = None
         stream, write = self._stream, self.request.write
-        if stream is None:
+        if stream is None or self.paused:
             return
         for item in stream:
             if isinstance(item, bytes):
                 write(item)
+                if self.paused:  # resumeProducing goes on
+                    return
             elif item > 0:
                 self._pending = self.responder.reactor.callLater(item, self._resume)
                 return
         self._stream = None
+        self.request.unregisterProducer()
         self.request.finish()
+
+    # IPushProducer: the client connection's flow control
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.responder.paused += 1
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self._stream is not None and self._pending is None and not self.gone:
+                self._pending = self.responder.reactor.callLater(0, self._resume)
+
+    def stopProducing(self) -> None:
+        pass  # the client went away: notifyFinish ends the exchange
 
     def _resume(self) -> None:
         if not self.gone:
@@ -596,6 +644,7 @@ class Responder(Resource):
         self.requests = 0
         self.in_flight = 0
         self.cancelled = 0
+        self.paused = 0
         self.finished = 0
         self.connections = 0
         self.exiting = False
@@ -608,6 +657,8 @@ class Responder(Resource):
             self.requests += 1
             self.in_flight += 1
         request.notifyFinish().addBoth(self._done, exchange)
+        if self.options.hang_before_headers and exchange.counted:
+            return NOT_DONE_YET  # read, never answered
         wait = exchange.query.get("wait")
         try:
             delay = parse_duration(wait) if wait else 0.0
@@ -702,9 +753,29 @@ class Responder(Resource):
         """Answer a completion-like request, streamed or after generating."""
         gen, model = self.generation(exchange), exchange.model()
         if exchange.wants_stream():
-            exchange.send_stream(stream(gen, model))
+            exchange.send_stream(self._faults(stream(gen, model)))
         else:
             exchange.later(gen.duration, lambda: exchange.send_json(respond(gen, model)))
+
+    def _faults(self, stream: Stream) -> Stream:
+        """``--stall-after`` / ``--die-after-tokens``: cut a stream after N events."""
+        options = self.options
+        limit = options.die_after_tokens if options.die_after_tokens is not None else options.stall_after
+        if limit is None:
+            yield from stream
+            return
+        events = 0
+        for item in stream:
+            if isinstance(item, bytes):
+                if events == limit:
+                    break
+                events += 1
+            yield item
+        if options.die_after_tokens is not None:
+            # let the events written so far leave the socket buffer, then crash
+            self.reactor.callLater(0.05, os._exit, DIE_CODE)
+        while True:
+            yield _STALL
 
     def _compat_fields(self, exchange: _Exchange) -> dict[str, Any]:
         return {
@@ -732,6 +803,7 @@ class Responder(Resource):
                 "requests": self.requests,
                 "in_flight": self.in_flight,
                 "cancelled": self.cancelled,
+                "paused": self.paused,
             }
         )
 

@@ -44,6 +44,22 @@ def to_endpoint(listen: str, tls: "tuple[str, str] | None" = None) -> str:
     raise ListenError(f"cannot understand --listen {listen!r}: use HOST:PORT, :PORT or an endpoint like tcp:8080")
 
 
+#: listen(2) backlog for tcp, ssl and unix listeners that set none.  Twisted's
+#: default of 50 cannot take a burst: of 300 clients connecting at once only
+#: about 100 were accepted, the others waited seconds for a retransmitted
+#: handshake (or longer, sending nothing).  nginx uses 511; the kernel caps it
+#: at net.core.somaxconn.
+BACKLOG = 511
+
+
+def with_backlog(description: str, backlog: int = BACKLOG) -> str:
+    """``description`` with ``:backlog=N`` added to a tcp, ssl or unix endpoint that has none."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
 def check_endpoint(description: str) -> None:
     """Parse (without listening) so a bad endpoint string fails at start-up."""
     from twisted.internet import endpoints, reactor

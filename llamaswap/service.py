@@ -25,6 +25,7 @@ from .config import Config, ConfigError, defaults, diff, load_config
 from .metrics import InferenceMetrics
 from .perf import PerfMonitor, SystemCollector
 from .events import EventBus
+from .listen import with_backlog
 from . import logs
 from .inflight import InflightTracker
 from .process import ChildRegistry
@@ -239,7 +240,7 @@ def build_service(
     if watch:
         ConfigWatcher(root).setServiceParent(root)
     site = AccessLogSite(root.api.resource(), reactor)
-    listeners = [ListeningEndpoint(serverFromString(reactor, d), d) for d in endpoints]
+    listeners = [ListeningEndpoint(serverFromString(reactor, with_backlog(d)), d) for d in endpoints]
     for listener in listeners:
         http = StreamServerEndpointService(listener, site)
         http._raiseSynchronously = True  # a bind error aborts start-up loudly

@@ -19,7 +19,7 @@ from llamaswap.service import ConfigWatcher, LlamaSwapService, build_service
 from llamaswap.tap import Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "examples", "demo.yaml")
+DEMO = os.path.join(ROOT, "tests", "data", "demo.yaml")  # a copy of examples/demo.yaml: tests carry their own data
 
 
 def free_port() -> int:

@@ -226,7 +226,10 @@ def _insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], keep
             conn.execute(_PRUNE, (keep,))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # sqlite may have rolled back already (a full disk does): a second
+        # ROLLBACK would fail and hide the real error
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     return idents
 

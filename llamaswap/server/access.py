@@ -14,6 +14,7 @@ from .. import logs
 from ..httpclient import no_delay
 
 SKIPPED = (b"/wol-health", b"/api/performance", b"/metrics")
+log = Logger()
 
 
 class _Discard:
@@ -74,6 +75,103 @@ class LlamaSwapRequest(Request):
         return str(getattr(self.getHost(), "host", "localhost")).encode()
 
 
+_PHRASES = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+
+
+class LlamaSwapChannel(http.HTTPChannel):
+    """Twisted's HTTP/1.1 channel with real answers to requests it cannot
+    parse, and a bound on clients that stop reading.
+
+    * A request head over Twisted's limits (a line over ``MAX_LENGTH``, 16 KiB,
+      or request line plus headers over ``totalHeadersSize``, 16 KiB) is
+      answered ``431 Request Header Fields Too Large``, as Go's net/http does
+      (Twisted drops a too-long line without a word and answers an oversized
+      head with a bare 400).  Other malformed requests keep their 400, now
+      with a body and ``Connection: close``.
+    * After such an answer the connection is half-closed and whatever the
+      client still sends is read and dropped for ``LINGER`` seconds before the
+      close, so data left unread does not turn the close into a reset that
+      destroys the answer (Go's closeWriteAndWait, nginx's lingering close).
+    * The site's ``send_timeout``: a client that takes no response bytes for
+      that long (our send buffer stays full: it never reads) loses its
+      connection, and its request is cancelled like any client that went
+      away, which frees its model slot and stops the upstream (nginx's
+      send_timeout).
+    """
+
+    LINGER = 1.0
+    _refusing = False
+    _linger = None
+    _stalled = None
+
+    def lineReceived(self, line):
+        if getattr(self, "_receivedHeaderSize", 0) + len(line) > self.totalHeadersSize:
+            return self._refuse(431)
+        return super().lineReceived(line)
+
+    def lineLengthExceeded(self, line):
+        return self._refuse(431)
+
+    def _respondToBadRequestAndDisconnect(self):  # Twisted's bare 400 for whatever it cannot parse
+        self._refuse(400)
+
+    def _refuse(self, status: int) -> None:
+        if self._refusing:
+            return
+        self._refusing = True
+        # nothing more is parsed on this connection
+        self._buffer = b""
+        self.dataReceived = self.lineReceived = self.rawDataReceived = _ignore
+        self.setTimeout(None)
+        phrase = _PHRASES[status]
+        body = b"%d %s" % (status, phrase)
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (status, phrase, len(body), body))
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._linger = self.callLater(self.LINGER, self.transport.loseConnection)
+
+    def pauseProducing(self):
+        super().pauseProducing()
+        timeout = getattr(getattr(self, "site", None), "send_timeout", None)
+        if timeout and self._stalled is None:
+            self._stalled = self.callLater(timeout, self._send_timed_out)
+
+    def resumeProducing(self):
+        if self._stalled is not None:
+            if self._stalled.active():
+                self._stalled.cancel()
+            self._stalled = None
+        super().resumeProducing()
+
+    def _send_timed_out(self) -> None:
+        self._stalled = None
+        log.info("client {peer} took no data for {timeout:g}s: connection dropped",
+                 peer=_peer(self.transport), timeout=self.site.send_timeout)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        for call in (self._stalled, self._linger):
+            if call is not None and call.active():
+                call.cancel()
+        self._stalled = self._linger = None
+        super().connectionLost(reason)
+
+
+def _ignore(*args) -> None:
+    pass
+
+
+def _peer(transport) -> str:
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    return f"{host}:{peer.port}" if host else "-"
+
+
 def format_duration(seconds: float) -> str:
     """Go's Duration formatting, roughly: 1.234ms, 2.5s, 150µs."""
     if seconds >= 1:
@@ -105,9 +203,20 @@ def install_fast_content_type() -> None:
 class AccessLogSite(Site):
     noisy = False
     log_ = Logger(namespace="llamaswap.access")
+    #: seconds a client may take no response bytes before its connection is
+    #: dropped (see ``LlamaSwapChannel``; nginx's send_timeout default)
+    send_timeout = 60.0
+
+    def protocol(self):
+        """Twisted's HTTP/1.1-or-2 wrapper around a ``LlamaSwapChannel``."""
+        generic = getattr(http, "_GenericHTTPChannelProtocol", None)
+        return generic(LlamaSwapChannel()) if generic is not None else LlamaSwapChannel()
 
     def __init__(self, resource, clock, **kw):
         kw.setdefault("requestFactory", LlamaSwapRequest)
+        # Twisted would parse every multipart/urlencoded POST body into request.args with the email
+        # package: seconds of reactor time for a big upload, for arguments nothing here reads.
+        kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.clock = clock
         self.front = resource if hasattr(resource, "check") else None

@@ -27,6 +27,7 @@ from typing import Optional
 from twisted.logger import LogLevel, formatEvent
 
 from .logmon import LogMonitor
+from .logwriter import NonBlockingWriter
 
 _LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 _EVENT_LEVELS = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 3}
@@ -96,12 +97,18 @@ class LogHub:
         self.time_format = time_format
 
     def _to_stdout(self, data: bytes) -> None:
+        """Hand a combined-log write to stdout: a ``NonBlockingWriter`` under
+        ``observer()`` (never blocks), any file object otherwise (tests)."""
         if self.stdout is not None:
             try:
                 self.stdout.write(data)
                 self.stdout.flush()
             except (OSError, ValueError):
                 pass
+
+    def dropped_marker(self, count: int) -> bytes:
+        """The line written where stdout lost ``count`` lines (see ``llamaswap.logwriter``)."""
+        return self.line(2, f"{count} log lines dropped (stdout not keeping up)")
 
     def info(self, message: str) -> None:
         """A proxy INFO line written straight to the proxy log (hot paths)."""
@@ -138,8 +145,22 @@ def hub() -> LogHub:
 
 
 def observer():
-    """twistd ``--logger`` factory: stdout carries llama-swap's combined log."""
+    """twistd ``--logger`` factory: stdout carries llama-swap's combined log.
+
+    Written through a :class:`~llamaswap.logwriter.NonBlockingWriter`: a
+    stdout nobody reads drops lines (with a marker) instead of stalling the
+    reactor."""
     h = hub()
-    h.stdout = sys.__stdout__.buffer if sys.__stdout__ is not None else None
+    h.stdout = None
+    if sys.__stdout__ is not None:
+        try:
+            fd = sys.__stdout__.fileno()
+        except (OSError, ValueError):
+            h.stdout = sys.__stdout__.buffer
+        else:
+            sys.__stdout__.flush()
+            writer = NonBlockingWriter.for_fd(fd, marker=h.dropped_marker)
+            writer.install_exit_flush()
+            h.stdout = writer
     h.installed = True
     return h

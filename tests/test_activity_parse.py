@@ -744,3 +744,50 @@ class MemoryBoundTests(SynchronousTestCase):
     def test_only_usage_on_over_long_line_is_not_parsed(self) -> None:
         body = b'data: {"usage":{"prompt_tokens":999},"pad":"' + b"x" * 5000 + b'"}'
         self.assertFalse(parse(body, SSE, max_buffer=1024, chunk=64).parsed)
+
+
+class LongInputTests(SynchronousTestCase):
+    """Big inputs cost time linear in their size, and a big body is scanned, not parsed whole."""
+
+    def test_long_sse_line_is_assembled_in_linear_time(self) -> None:
+        import time
+
+        usage = {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+        pad = "p" * (8 * 1024 * 1024 - 200)
+        body = sse(dict(usage, pad=pad))
+        parser = ResponseParser(SSE, "", "/v1/chat/completions")
+        piece = 1024  # 8,000 pieces: re-joining the line on each would copy ~32 GB
+        started = time.perf_counter()
+        for i in range(0, len(body), piece):
+            parser.feed(body[i : i + piece])
+            self.assertLessEqual(parser.buffered_bytes, 8 * 1024 * 1024)
+        result = parser.finish()
+        elapsed = time.perf_counter() - started
+        print(f"\n8 MiB SSE line in 1 KiB pieces: {elapsed * 1000:.0f} ms")
+        self.assertEqual(result.tokens.input_tokens, 7)
+        self.assertEqual(result.tokens.output_tokens, 3)
+        self.assertLess(elapsed, 1.5)  # linear: ~40 ms here; the old `pending += data`: ~2.4 s
+
+    def test_big_json_body_scanned_in_steps(self) -> None:
+        from llamaswap.activity import parse as parse_module
+
+        doc = {"data": [{"embedding": [0.25] * 2000, "index": i} for i in range(300)],
+               "usage": {"prompt_tokens": 11, "total_tokens": 11},
+               "timings": {"prompt_n": 11, "predicted_n": 0, "prompt_ms": 5.0}}
+        body = json.dumps(doc).encode()
+        self.assertGreater(len(body), parse_module.SCAN_ABOVE)
+        parser = ResponseParser(JSON, "", "/v1/embeddings")
+        parser.feed(body)
+        steps = parser.finish_steps()
+        yields = 0
+        try:
+            while True:
+                next(steps)
+                yields += 1
+        except StopIteration as done:
+            result = done.value
+        self.assertGreater(yields, 5)  # the reactor gets turns in between
+        self.assertEqual(result, parse(body, path="/v1/embeddings"))
+        self.patch(parse_module, "SCAN_ABOVE", 1 << 30)  # the whole-parse path agrees
+        self.assertEqual(parse(body, path="/v1/embeddings"), result)
+        self.assertEqual(result.tokens.input_tokens, 11)

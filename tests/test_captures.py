@@ -518,3 +518,127 @@ class CaptureStoreTests(SynchronousTestCase):
         self.assertGreater(store.stats()["ratio"], 2 * (store.stats()["raw_bytes"] / plain_zstd_stored(caps)))
         for cap in caps:
             self.assertEqual(store.get(cap.id), cap)
+
+
+class CaptureLimitTests(SynchronousTestCase):
+    """Size limits come before any encoding, compression or decompression; big captures go in slices."""
+
+    def test_encoded_parts_join_to_cbor(self) -> None:
+        import cbor2
+
+        for size in (0, 1, 23, 24, 255, 256, 65535, 65536, 70000):
+            for cap in (build_capture(size, "/v1/x", {"A": "1"}, b"q" * size, {"B": "2"}, b"r" * (size // 2)),
+                        build_capture(size, "/v1/x", None, None, None, None)):
+                self.assertEqual(cap.encode(), cbor2.dumps([cap.id, cap.req_path, cap.req_headers, cap.req_body,
+                                                            cap.resp_headers, cap.resp_body]))
+                self.assertEqual(Capture.decode(cap.encode()), cap)
+
+    def test_body_larger_than_store_refused_before_encoding(self) -> None:
+        store = CaptureStore(1000)
+        cap = build_capture(1, "/v1/x", {}, b"a" * 1001, {}, None)  # compresses to a few bytes, still refused
+        self.patch(Capture, "encoded_parts", lambda self: self.fail("encoded"))
+        self.assertFalse(store.add(cap))
+        self.assertEqual(store.stats()["skipped"], 1)
+        self.assertEqual(store.stats()["segments"], 0)
+
+    def test_big_capture_submitted_in_slices_and_in_order(self) -> None:
+        from twisted.internet.task import Clock
+
+        from llamaswap.steps import run_in_slices
+
+        self.patch(captures, "PIECE", 1024)
+        self.patch(captures, "run_in_slices", lambda steps, clock: run_in_slices(steps, clock, budget=0))
+        clock = Clock()
+        store = CaptureStore(1 << 20)
+        rng = random.Random(5)
+        big = build_capture(1, "/v1/x", {}, rng.randbytes(40_000), {}, b"resp")
+        small = build_capture(2, "/v1/x", {}, b"small", {}, None)
+        first = store.submit(big, clock)
+        second = store.submit(small, clock)
+        self.assertNoResult(first)  # 40 pieces: not done in the first slice
+        self.assertRaises(RuntimeError, store.add, small)
+        for _ in range(1000):
+            if first.called and second.called:
+                break
+            clock.advance(0)
+        self.assertTrue(self.successResultOf(first))
+        self.assertTrue(self.successResultOf(second))
+        self.assertEqual(store.ids(), [1, 2])
+        self.assertEqual(store.get(1), big)
+        self.assertEqual(store.get(2), small)
+        self.assertTrue(store.add(build_capture(3, "/v1/x", {}, b"x", {}, None)))  # free again
+
+    def test_clear_while_a_capture_is_compressed(self) -> None:
+        from twisted.internet.task import Clock
+
+        from llamaswap.steps import run_in_slices
+
+        self.patch(captures, "PIECE", 1024)
+        self.patch(captures, "run_in_slices", lambda steps, clock: run_in_slices(steps, clock, budget=0))
+        clock = Clock()
+        store = CaptureStore(1 << 20)
+        d = store.submit(build_capture(1, "/v1/x", {}, b"z" * 50_000, {}, None), clock)
+        self.assertNoResult(d)
+        store.clear()
+        clock.advance(0)
+        self.assertFalse(self.successResultOf(d))
+        self.assertEqual(store.stats()["count"], 0)
+        self.assertEqual(store.stats()["stored_bytes"], 0)
+        later = build_capture(2, "/v1/x", {}, b"after", {}, None)
+        self.assertTrue(store.add(later))
+        self.assertEqual(store.get(2), later)
+
+
+class RecorderLimitTests(SynchronousTestCase):
+    def recorder(self, limit: int, req_body: bytes, encoding: str = ""):
+        from twisted.internet.task import Clock
+
+        from llamaswap.activity.recorder import ActivityRecorder
+
+        rec = ActivityRecorder(Clock(), lambda: 0.0, "m", "/v1/chat/completions", {"A": "1"}, req_body, limit)
+        headers = {"Content-Type": "application/json"}
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        rec.on_headers(200, headers)
+        return rec
+
+    def test_request_body_over_the_limit_left_out(self) -> None:
+        rec = self.recorder(100, b"r" * 101)
+        rec.on_chunk(b'{"ok": 1}')
+        cap = rec.capture(1)
+        self.assertIsNone(cap.req_body)
+        self.assertEqual(cap.resp_body, b'{"ok": 1}')
+        self.assertEqual(self.recorder(100, b"r" * 100).capture(1).req_body, b"r" * 100)
+
+    def test_compressed_body_inflating_past_the_limit_left_out(self) -> None:
+        import gzip
+        import zlib
+
+        from llamaswap.activity import recorder as recorder_module
+
+        self.patch(recorder_module, "PIECE", 1000)
+        bomb = gzip.compress(b"0" * 1_000_000)  # ~1 KB on the wire, 1 MB inflated
+        rec = self.recorder(10_000, b"{}", "gzip")
+        rec.on_chunk(bomb)
+        inflated = []
+        real = zlib.decompressobj
+
+        class Counting:
+            def __init__(self, *args):
+                self.obj = real(*args)
+
+            def decompress(self, data, max_length=0):
+                out = self.obj.decompress(data, max_length)
+                inflated.append(len(out))
+                return out
+
+            def __getattr__(self, name):
+                return getattr(self.obj, name)
+
+        self.patch(recorder_module.zlib, "decompressobj", Counting)
+        cap = rec.capture(1)
+        self.assertIsNone(cap.resp_body)  # left out, not cut
+        self.assertLessEqual(sum(inflated), 10_000 + 1000)  # stopped right past the limit
+        ok = self.recorder(10_000, b"{}", "gzip")
+        ok.on_chunk(gzip.compress(b"1" * 5000))
+        self.assertEqual(ok.capture(2).resp_body, b"1" * 5000)

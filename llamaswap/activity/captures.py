@@ -39,6 +39,13 @@ compresses each capture *against what is already stored*:
   the encoder has already consumed it.  When only the open segment is left and
   the new chunk does not fit beside it, that segment is evicted and the capture
   is recompressed into a fresh one.
+* Limits come first: a capture whose bodies alone are larger than the whole
+  store is skipped before it is encoded or compressed at all (the recorder
+  already leaves such a body out, see ``activity/recorder.py``).
+* A big capture never holds the reactor: it is CBOR-encoded as pieces that
+  reference the bodies (no copy) and :meth:`CaptureStore.submit` compresses
+  it ``PIECE`` bytes per step, a few milliseconds each, in slices (see
+  :mod:`llamaswap.steps`); captures are submitted one at a time, in order.
 
 Measured (``bench/bench_captures.py``, synthetic agent sessions; plain = CBOR
 plus zstd-3 per capture, llama-swap's scheme):
@@ -71,7 +78,10 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import cbor2
 import zstandard
+from twisted.internet import defer
 from twisted.logger import Logger
+
+from ..steps import Steps, drive, run_in_slices
 
 __all__ = [
     "CAPTURE_ALL", "CAPTURE_MASKS", "CAPTURE_NONE", "CAPTURE_REQ_ALL", "CAPTURE_REQ_BODY",
@@ -184,14 +194,43 @@ class Capture:
 
     def encode(self) -> bytes:
         """CBOR serialisation used by :class:`CaptureStore`."""
-        return cbor2.dumps([self.id, self.req_path, self.req_headers, self.req_body,
-                            self.resp_headers, self.resp_body])
+        return b"".join(self.encoded_parts())
+
+    def encoded_parts(self) -> list:
+        """:meth:`encode` as pieces that join to it: the bodies are referenced,
+        not copied, so a big capture is compressed without first being copied."""
+        parts: list = [b"\x86", cbor2.dumps(self.id), cbor2.dumps(self.req_path), cbor2.dumps(self.req_headers)]
+        _body_parts(parts, self.req_body)
+        parts.append(cbor2.dumps(self.resp_headers))
+        _body_parts(parts, self.resp_body)
+        return parts
+
+    @property
+    def body_bytes(self) -> int:
+        """The request plus response body sizes."""
+        return len(self.req_body or b"") + len(self.resp_body or b"")
 
     @classmethod
     def decode(cls, data: bytes) -> "Capture":
         """Inverse of :meth:`encode`."""
         cid, path, reqh, reqb, resph, respb = cbor2.loads(data)
         return cls(cid, path, reqh, reqb, resph, respb)
+
+
+def _body_parts(parts: list, body: Optional[bytes]) -> None:
+    """A CBOR byte string (major type 2, shortest length form, as cbor2 writes it), or null."""
+    if body is None:
+        parts.append(b"\xf6")
+        return
+    n = len(body)
+    if n < 24:
+        parts.append(bytes((0x40 | n,)) + body)
+        return
+    for head, size in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
+        if n < 1 << (8 * size):
+            parts.append(bytes((head,)) + n.to_bytes(size, "big"))
+            parts.append(body)
+            return
 
 
 def build_capture(id: int, req_path: str, req_headers: Optional[Mapping[Any, HeaderValue]],
@@ -232,6 +271,8 @@ SEGMENT_BYTES = 4 << 20
 #: A segment closes once its compressed bytes reach ``max_bytes // SEGMENT_FRACTION``.
 SEGMENT_FRACTION = 8
 COMPRESSION_LEVEL = 3
+#: Raw bytes compressed per step (a few ms at level 3): see ``CaptureStore.submit``.
+PIECE = 512 * 1024
 #: Log the ratio after this many adds, or after ``LOG_MIN_ADDS`` if it moved by ``LOG_CHANGE``.
 LOG_EVERY = 200
 LOG_MIN_ADDS = 10
@@ -259,6 +300,7 @@ class CaptureStore:
         self._skipped = 0
         self._adds_since_log = 0
         self._logged_ratio = 0.0
+        self._lock = defer.DeferredLock()  # submit(): one capture at a time, in order
 
     @property
     def enabled(self) -> bool:
@@ -277,11 +319,23 @@ class CaptureStore:
         self._open = None
         self._cobj = None
 
-    def _compress(self, raw: bytes) -> bytes:
+    def _compress(self, parts: list) -> "Steps[Optional[bytes]]":
+        """One capture's chunk, fed ``PIECE`` bytes at a time (a step each);
+        None if the stream was dropped meanwhile (``clear``)."""
         cobj = self._cobj
-        head = cobj.compress(raw)
-        tail = cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        return head + tail if head else tail
+        out = []
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), PIECE):
+                piece = cobj.compress(view[start:start + PIECE])
+                if piece:
+                    out.append(piece)
+                if len(view) > PIECE:
+                    yield
+                    if self._cobj is not cobj:
+                        return None
+        out.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        return b"".join(out)
 
     def _evict_oldest(self) -> None:
         seg = self._segments.popleft()
@@ -301,17 +355,39 @@ class CaptureStore:
             self._segments.pop()
 
     def add(self, capture: Capture) -> bool:
-        """Store ``capture``, evicting the oldest captures to fit; ``False`` if disabled or too large."""
+        """Store ``capture``, evicting the oldest captures to fit; ``False`` if disabled or too large.
+
+        Runs at once; :meth:`submit` does the same in slices."""
+        if self._lock.locked:
+            raise RuntimeError("a capture is being added in slices: use submit()")
+        return drive(self._add_steps(capture))
+
+    def submit(self, capture: Capture, clock) -> "defer.Deferred[bool]":
+        """:meth:`add` in slices on ``clock`` (a reactor), one capture at a time
+        in the order given: a big capture is compressed ``PIECE`` bytes per step,
+        so the reactor is never held for long (a small one is added at once)."""
+        return self._lock.run(run_in_slices, self._add_steps(capture), clock)
+
+    def _add_steps(self, capture: Capture) -> "Steps[bool]":
         if self.max_bytes <= 0:
             return False
-        raw = capture.encode()
+        if capture.body_bytes > self.max_bytes:
+            # A body larger than the whole store: refused before any encoding or compression.
+            self._skipped += 1
+            _log.warn("capture {id} too large ({size} body bytes, store holds {max_bytes}), skipping",
+                      id=capture.id, size=capture.body_bytes, max_bytes=self.max_bytes)
+            return False
+        parts = capture.encoded_parts()
+        raw_len = sum(len(part) for part in parts)
         seg = self._open
-        if seg is not None and (seg.raw + len(raw) > self.segment_bytes or seg.stored >= self._segment_stored_max):
+        if seg is not None and (seg.raw + raw_len > self.segment_bytes or seg.stored >= self._segment_stored_max):
             self._close()
             seg = None
         if seg is None:
             seg = self._start()
-        chunk = self._compress(raw)
+        chunk = yield from self._compress(parts)
+        if chunk is None:
+            return False
         if len(chunk) > self.max_bytes:
             return self._skip(seg, capture, len(chunk))
         while self._stored + len(chunk) > self.max_bytes and self._segments[0] is not seg:
@@ -320,7 +396,9 @@ class CaptureStore:
             # Only the open segment is left and the chunk refers into it: start over cold.
             self._evict_oldest()
             seg = self._start()
-            chunk = self._compress(raw)
+            chunk = yield from self._compress(parts)
+            if chunk is None:
+                return False
             if len(chunk) > self.max_bytes:
                 return self._skip(seg, capture, len(chunk))
         old = self._index.get(capture.id)
@@ -328,12 +406,12 @@ class CaptureStore:
             self._index.pop(capture.id)
         seg.chunks.append(chunk)
         seg.ids.append(capture.id)
-        seg.raw_lens.append(len(raw))
+        seg.raw_lens.append(raw_len)
         seg.stored += len(chunk)
-        seg.raw += len(raw)
+        seg.raw += raw_len
         self._index[capture.id] = (seg, len(seg.chunks) - 1)
         self._stored += len(chunk)
-        self._raw += len(raw)
+        self._raw += raw_len
         self._maybe_log()
         return True
 

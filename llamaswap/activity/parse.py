@@ -4,8 +4,12 @@ Mirrors llama-swap's ``internal/server/metrics.go``: usage objects from the
 OpenAI, Responses and Anthropic APIs, llama-server ``timings`` and vLLM
 ``metrics``.  Memory is bounded: compressed bodies are inflated piecewise,
 SSE streams are scanned line by line (over-long lines dropped) and a
-non-streaming body is buffered only up to ``max_buffer`` bytes.  Pure and
-synchronous; meant to be driven from the reactor thread.
+non-streaming body is buffered only up to ``max_buffer`` bytes.  Pure;
+meant to be driven from the reactor thread.  Work stays short per call: an
+SSE line is assembled from its pieces in one join (linear in its length), and
+``finish_steps`` scans a big non-streaming body in slices (see
+:mod:`llamaswap.steps`) instead of parsing it whole; ``finish`` runs the same
+steps at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import zlib
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Iterator
+
+from ..jsonscan import scan_object
+from ..steps import Steps, drive
 
 __all__ = [
     "MAX_BUFFER",
@@ -28,6 +35,8 @@ __all__ = [
 ]
 
 MAX_BUFFER = 8 * 1024 * 1024
+#: A non-streaming body larger than this is scanned for its usage, not parsed whole.
+SCAN_ABOVE = 1024 * 1024
 _PIECE = 64 * 1024  # largest inflated piece handed on at once
 _MAX_ERROR_LEN = 500
 _MISSING: Any = object()
@@ -361,15 +370,24 @@ class _JSONSink:
         self._buffer.feed(data)
 
     def finish(self) -> Tokens | None:
+        return drive(self.finish_steps())
+
+    def finish_steps(self) -> "Steps[Tokens | None]":
+        """A body above ``SCAN_ABOVE`` is scanned in steps for its top-level
+        ``usage``/``timings``/``metrics`` (parsed alone) instead of parsed whole."""
         if self._buffer.overflow:
             return None
         body = self._buffer.value()
         if not any(key in body for key in _KEYS):
             return None
-        doc = _loads(body)
-        usage, timings, metrics = (_get(doc, (k,)) for k in ("usage", "timings", "metrics"))
-        if self._infill and isinstance(doc, list) and doc:
-            timings = _get(doc[-1], ("timings",))
+        scan = (yield from scan_object(body)) if len(body) > SCAN_ABOVE else None
+        if scan is not None:
+            usage, timings, metrics = (scan.get(k, _MISSING) for k in ("usage", "timings", "metrics"))
+        else:  # small, or not an object (an /infill list): parsed whole
+            doc = _loads(body)
+            usage, timings, metrics = (_get(doc, (k,)) for k in ("usage", "timings", "metrics"))
+            if self._infill and isinstance(doc, list) and doc:
+                timings = _get(doc[-1], ("timings",))
         if usage is _MISSING and timings is _MISSING and metrics is _MISSING:
             return None
         inp, out, cached, _ = _usage_tokens(usage)
@@ -381,7 +399,10 @@ class _SSESink:
 
     def __init__(self, max_line: int) -> None:
         self._max_line = max_line
-        self._pending = b""
+        # the incomplete last line, as pieces: joined once when its newline
+        # comes, so a long line costs time linear in its length
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._skipping = False  # inside an over-long line being dropped
         self._input = self._output = 0
         self._cached = -1
@@ -391,14 +412,19 @@ class _SSESink:
 
     @property
     def buffered(self) -> int:
-        return len(self._pending)
+        return self._pending_size
 
     def feed(self, data: bytes) -> None:
-        end = data.rfind(b"\n")
+        end = data.rfind(b"\n")  # only the new bytes are searched
         if end < 0:
             self._hold(data)
             return
-        head, self._pending = self._pending + data[: end + 1], b""
+        if self._pending:
+            self._pending.append(data[: end + 1])
+            head = b"".join(self._pending)
+        else:
+            head = data[: end + 1]
+        self._pending, self._pending_size = [], 0
         if self._skipping:
             head = head[head.find(b"\n") + 1 :]
             self._skipping = False
@@ -410,8 +436,8 @@ class _SSESink:
 
     def finish(self) -> Tokens | None:
         if not self._skipping:
-            self._line(self._pending)
-        self._pending = b""
+            self._line(b"".join(self._pending))
+        self._pending, self._pending_size = [], 0
         if not self._any:
             return None
         return _build_tokens(self._input, self._output, self._cached, self._timings, self._metrics)
@@ -419,10 +445,12 @@ class _SSESink:
     def _hold(self, data: bytes) -> None:
         if self._skipping:
             return
-        if len(self._pending) + len(data) > self._max_line:
-            self._pending, self._skipping = b"", True
+        if self._pending_size + len(data) > self._max_line:
+            self._pending, self._pending_size, self._skipping = [], 0, True
             return
-        self._pending += data
+        if data:
+            self._pending.append(data)
+            self._pending_size += len(data)
 
     def _line(self, line: bytes) -> None:
         line = line.strip()
@@ -510,6 +538,11 @@ class ResponseParser:
 
     def finish(self) -> ParseResult:
         """Flush the decoder and return the extracted tokens / error message."""
+        return drive(self.finish_steps())
+
+    def finish_steps(self) -> "Steps[ParseResult]":
+        """:meth:`finish` in steps (see :mod:`llamaswap.steps`): a big
+        non-streaming body is scanned a slice at a time, not parsed in one go."""
         if self._finished:
             raise RuntimeError("ResponseParser.finish() called twice")
         self._finished = True
@@ -522,7 +555,10 @@ class ResponseParser:
         if self._error is not None:
             return ParseResult(error_msg=f"response decompression failed: {self._error}")
         assert not isinstance(self._sink, _Buffer)
-        tokens = self._sink.finish()
+        if isinstance(self._sink, _JSONSink):
+            tokens = yield from self._sink.finish_steps()
+        else:
+            tokens = self._sink.finish()
         return ParseResult() if tokens is None else ParseResult(tokens, None, True)
 
     def _pump(self, step: Any, *args: bytes) -> None:

@@ -185,7 +185,7 @@ class PerfMonitor:
     def _failed(self, failure: Failure, kind: str) -> None:
         message = failure.getErrorMessage()
         if self._errors.get(kind) == message:
-            self.log.debug("{kind} sample failed again: {message}", kind=kind, message=message)
+            self.log.debug("{kind} sample failed again: {error}", kind=kind, error=message)
             return
         self._errors[kind] = message
         self.log.failure("{kind} sample failed (repeats are logged at debug level)", failure, kind=kind)

@@ -187,7 +187,7 @@ class LocalRouter:
         def failed(failure):
             failure = getattr(failure.value, "subFailure", failure)
             message = getattr(failure.value, "message", None) or failure.getErrorMessage()
-            self.log.warn("{target} failed to start: {message}", target=target, message=message)
+            self.log.warn("{target} failed to start: {error}", target=target, error=message)
             self.scheduler.swap_done(target, message)
 
         d.addCallbacks(done, failed)

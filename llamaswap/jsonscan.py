@@ -112,11 +112,29 @@ def _decode_key(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _string_end(body: bytes, start: int, tokens: int):
+    """Steps: ``(index of the quote closing the string opened at start, or -1;
+    the token count)``, yielding every ``STEP_TOKENS`` escaped quotes."""
+    find = body.find
+    q = find(b'"', start + 1)
+    while q >= 0:
+        k = q - 1
+        while body[k] == _BACKSLASH:
+            k -= 1
+        if not (q - 1 - k) & 1:
+            break
+        q = find(b'"', q + 1)
+        tokens += 1
+        if tokens >= STEP_TOKENS:
+            tokens = 0
+            yield
+    return q, tokens
+
+
 def scan_object(body: bytes) -> "Steps[Optional[ObjectScan]]":
     """Scan ``body``; the result is an :class:`ObjectScan`, or None when the
     body is not a (well-formed) JSON object."""
     n = len(body)
-    find = body.find
     search = _STRUCTURE.search
     ws = _WS.match
     members: list[tuple[str, int, int, int]] = []
@@ -135,20 +153,9 @@ def scan_object(body: bytes) -> "Steps[Optional[ObjectScan]]":
             if pos >= n or body[pos] != _QUOTE:
                 return None
             key_start = pos
-            q = find(b'"', pos + 1)
-            while True:
-                if q < 0:
-                    return None
-                k = q - 1
-                while body[k] == _BACKSLASH:
-                    k -= 1
-                if not (q - 1 - k) & 1:
-                    break
-                q = find(b'"', q + 1)
-                tokens += 1
-                if tokens >= STEP_TOKENS:
-                    tokens = 0
-                    yield
+            q, tokens = yield from _string_end(body, pos, tokens)
+            if q < 0:
+                return None
             try:
                 key = _decode_key(body[key_start + 1:q])
             except ValueError:
@@ -166,20 +173,9 @@ def scan_object(body: bytes) -> "Steps[Optional[ObjectScan]]":
                 depth = 0
                 while True:
                     if c == _QUOTE:
-                        q = find(b'"', pos + 1)
-                        while True:
-                            if q < 0:
-                                return None
-                            k = q - 1
-                            while body[k] == _BACKSLASH:
-                                k -= 1
-                            if not (q - 1 - k) & 1:
-                                break
-                            q = find(b'"', q + 1)
-                            tokens += 1
-                            if tokens >= STEP_TOKENS:
-                                tokens = 0
-                                yield
+                        q, tokens = yield from _string_end(body, pos, tokens)
+                        if q < 0:
+                            return None
                         pos = q + 1
                     else:
                         depth += 1 if c in _OPEN else -1

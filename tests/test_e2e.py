@@ -40,6 +40,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+@defer.inlineCallbacks
+def wait_until(test: TestCase, predicate, timeout: float = 10.0, explain=lambda: ""):
+    """Poll ``predicate`` (which may return a Deferred) every 50 ms until it is
+    true (its value is the result), failing ``test`` after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = predicate()
+        if isinstance(value, defer.Deferred):
+            value = yield value
+        if value:
+            return value
+        if reactor.seconds() >= deadline:
+            test.fail("condition not reached" + explain())
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
 class Harness(TestCase):
     timeout = 40
 
@@ -91,16 +107,8 @@ class Harness(TestCase):
         _, body = yield self.get("/running")
         return {r["model"]: r["state"] for r in json.loads(body)["running"]}
 
-    @defer.inlineCallbacks
     def wait_for(self, predicate, timeout=10.0):
-        for _ in range(int(timeout / 0.05)):
-            value = predicate()
-            if isinstance(value, defer.Deferred):
-                value = yield value
-            if value:
-                return value
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("condition not reached")
+        return wait_until(self, predicate, timeout)
 
 
 AB = f"""

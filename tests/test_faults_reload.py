@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.test_e2e import free_port, pid_alive
+from tests.test_e2e import free_port, pid_alive, wait_until
 
 PY = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,17 +37,9 @@ class _Child(protocol.ProcessProtocol):
 class SighupStormTests(TestCase):
     timeout = 60
 
-    @defer.inlineCallbacks
     def wait_for(self, predicate, timeout=15.0):
-        deadline = reactor.seconds() + timeout
-        while reactor.seconds() < deadline:
-            value = predicate()
-            if isinstance(value, defer.Deferred):
-                value = yield value
-            if value:
-                return value
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("condition not reached; llama-swap output:\n" + b"".join(self.child.output).decode(errors="replace")[-3000:])
+        return wait_until(self, predicate, timeout, lambda: "; llama-swap output:\n" + b"".join(
+            self.child.output).decode(errors="replace")[-3000:])
 
     @defer.inlineCallbacks
     def get(self, path):

@@ -46,6 +46,42 @@ class _LiveGauges:
         yield state
         yield queue
         yield inflight
+        yield from _resource_gauges(runtime)
+
+
+def _resource_gauges(runtime):
+    """Per resource of ``resources.capacity``: capacity, what running models
+    use (declared, measured, and planned = max of the two per model), and
+    every model's footprint.  Running = starting, ready or stopping."""
+    config = runtime.config
+    if not config.resources:
+        return
+    footprints = runtime.footprints
+    capacity = GaugeMetricFamily("llamaswap_resource_capacity", "resources.capacity per resource",
+                                 labels=["resource"])
+    used = GaugeMetricFamily("llamaswap_resource_used",
+                             "Summed footprints of running models (declared, measured, planned = max of both)",
+                             labels=["resource", "kind"])
+    footprint = GaugeMetricFamily("llamaswap_model_footprint", "Each model's footprint (declared, measured)",
+                                  labels=["model", "resource", "kind"])
+    running = [m for m, p in runtime.processes.items() if str(p.state) in ("starting", "ready", "stopping")]
+    for resource, amount in sorted(config.resources.capacity.items()):
+        capacity.add_metric([resource], amount)
+        sums = {"declared": 0.0, "measured": 0.0, "planned": 0.0}
+        for model in running:
+            sums["declared"] += footprints.declared(model).get(resource, 0)
+            sums["measured"] += footprints.measured.get(model, {}).get(resource, 0)
+            sums["planned"] += footprints.planned(model).get(resource, 0)
+        for kind, value in sums.items():
+            used.add_metric([resource, kind], value)
+    for model in sorted(runtime.processes):
+        for resource, amount in sorted(footprints.declared(model).items()):
+            footprint.add_metric([model, resource, "declared"], amount)
+        for resource, amount in sorted(footprints.measured.get(model, {}).items()):
+            footprint.add_metric([model, resource, "measured"], amount)
+    yield capacity
+    yield used
+    yield footprint
 
 
 class InferenceMetrics:

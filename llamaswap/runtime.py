@@ -1,11 +1,14 @@
 """Everything one loaded config runs: processes, the local router, the proxy agent.
 
 A reload builds a new ``Runtime`` and shuts the old one down (llama-swap
-semantics: every model of the old config is stopped).
+semantics: every model of the old config is stopped), unless it changes
+nothing but resource budgets (:func:`budgets_only`): then the running
+``Runtime`` takes the new config with :meth:`Runtime.apply_budgets`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -13,8 +16,10 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from .config import Config
+from .config.types import EMPTY, Resources
 from .events import EventBus
 from .logmon import LogMonitor
+from .perf.footprint import Footprints, FootprintSampler
 from .process import Process, ProcessState
 from .proxy.stream import make_pool
 from .router.local import LocalRouter, RoutingError
@@ -27,7 +32,7 @@ class Runtime:
 
     def __init__(self, reactor, config: Config, upstream_log: Optional[LogMonitor] = None,
                  registry=None, on_state: Optional[StateListener] = None,
-                 events: Optional[EventBus] = None):
+                 events: Optional[EventBus] = None, footprint_sampler: Optional[FootprintSampler] = None):
         self.reactor = reactor
         self.config = config
         self.upstream_log = upstream_log if upstream_log is not None else LogMonitor()
@@ -39,7 +44,11 @@ class Runtime:
                 reactor, model, upstream_log=self.upstream_log, on_state=self._state_changed,
                 registry=registry,
             )
-        self.router = LocalRouter(reactor, config, self.processes, events=self.events)
+        # measured GPU memory per model (only with resources.capacity configured)
+        self.footprints = Footprints(reactor, config, self.processes, footprint_sampler,
+                                     publish=self.events.publish)
+        self.router = LocalRouter(reactor, config, self.processes, events=self.events,
+                                  footprints=self.footprints)
         # one Agent per model, with its model's connect timeout, over a pool per
         # distinct (idleConn, keepalive, tlsHandshake): those are the pool's connections' settings
         self.pools: dict[tuple, HTTPConnectionPool] = {}
@@ -55,6 +64,10 @@ class Runtime:
         self.closed = False
 
     def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
+        if new is ProcessState.READY:
+            self.footprints.ready(process)
+        elif new is ProcessState.STOPPED:
+            self.footprints.stopped(process.model.id)
         self.router.process_state_changed(process, old, new)
         self.events.publish("modelStatus", {"id": process.model.id, "old": str(old), "state": str(new)})
         if self.on_state is not None:
@@ -77,8 +90,19 @@ class Runtime:
 
         return defer.ensureDeferred(run())
 
+    def apply_budgets(self, config: Config) -> frozenset:
+        """Take ``config``, which differs from the running one only in
+        budgets (see ``budgets_only``), without stopping models that still
+        fit; returns the idle models stopped because they no longer do."""
+        self.config = config
+        for model_id, process in self.processes.items():
+            process.model = config.models[model_id]
+        self.footprints.reconfigure(config)
+        return self.router.apply_budgets(config)
+
     def shutdown(self, grace: float = 30.0) -> defer.Deferred:
         self.closed = True
+        self.footprints.close()
         d = self.router.shutdown(grace)
 
         def close(_):
@@ -87,3 +111,16 @@ class Runtime:
             return defer.gatherResults(closes, consumeErrors=True)
 
         return d.addBoth(close).addCallback(lambda _: None)
+
+
+def budgets_only(old: Config, new: Config) -> bool:
+    """True when ``new`` differs from ``old`` in nothing but resource budgets
+    (``resources``, ``swapPolicy``, models' ``resources`` and ``minResident``),
+    so a reload can keep every model running."""
+    def strip(config: Config) -> Config:
+        models = {mid: dataclasses.replace(m, resources=EMPTY, min_resident=0.0)
+                  for mid, m in config.models.items()}
+        return dataclasses.replace(config, models=models, resources=Resources(), swap_policy="",
+                                   warnings=(), sources=())
+
+    return old != new and strip(old) == strip(new)

@@ -29,7 +29,8 @@ from .listen import with_backlog
 from . import logs
 from .inflight import InflightTracker
 from .process import ChildRegistry
-from .runtime import Runtime
+from .perf.footprint import NvmlFootprintSampler
+from .runtime import Runtime, budgets_only
 from .sdnotify import ListeningEndpoint, Notifier, ReadyNotifier
 from .server import LlamaSwapApp
 from .server.access import AccessLogSite
@@ -44,8 +45,12 @@ class LlamaSwapService(MultiService):
     notify = Notifier()  # systemd notifications: none unless build_service finds $NOTIFY_SOCKET
 
     def __init__(self, reactor, config: Config, config_path: Optional[str] = None,
-                 config_dir: Optional[str] = None, registry: Optional[ChildRegistry] = None):
+                 config_dir: Optional[str] = None, registry: Optional[ChildRegistry] = None,
+                 footprint_sampler=None):
+        """``footprint_sampler``: where models' GPU memory is measured (default
+        NVML, through ``llamaswap.perf.footprint.NvmlFootprintSampler``)."""
         super().__init__()
+        self.footprint_sampler = footprint_sampler if footprint_sampler is not None else NvmlFootprintSampler()
         self.reactor = reactor
         self.config_path = config_path
         self.config_dir = config_dir
@@ -56,7 +61,8 @@ class LlamaSwapService(MultiService):
         self.registry = registry
         self.events = EventBus()
         self.inflight = InflightTracker(reactor, self.events)
-        self.runtime = Runtime(reactor, config, self.upstream_log, registry, events=self.events)
+        self.runtime = Runtime(reactor, config, self.upstream_log, registry, events=self.events,
+                               footprint_sampler=self.footprint_sampler)
         self.activity = ActivityStore(reactor, config.store_path, config.metrics_max_in_memory)
         self.captures = CaptureStore(config.capture_buffer * 1024 * 1024)
         self.prometheus = CollectorRegistry(auto_describe=True)
@@ -92,7 +98,8 @@ class LlamaSwapService(MultiService):
                 self.log.warn("killed a stale upstream left by an earlier run: {model} (pid {pid})",
                               model=record.model, pid=record.pid)
         for warning in self.config.warnings:
-            self.log.warn("config: {warning}", warning=warning)
+            # not "warning=": trial's log observer takes events with that key for Python warnings
+            self.log.warn("config: {text}", text=warning)
         self.log.info("llamaswap: {n} model(s) configured: {models}",
                       n=len(self.config.models), models=", ".join(sorted(self.config.models)) or "-")
         self.activity.start().addErrback(lambda f: self.log.failure("cannot open the activity store", f))
@@ -126,6 +133,8 @@ class LlamaSwapService(MultiService):
 
         As llama-swap, every model of the old config is stopped; the new
         config's models start only once that is done (ports, GPU memory).
+        Except when only resource budgets changed (``budgets_only``): then
+        the running models stay, and only idle ones that no longer fit stop.
         """
         if self._reloading or not self.running:
             return False
@@ -139,12 +148,20 @@ class LlamaSwapService(MultiService):
                 return False
             change = diff(self.config, new)
             self.hub.configure(new.log_level, new.log_time_format)
+            if budgets_only(self.config, new):  # models keep running; only those that no longer fit stop
+                trimmed = self.runtime.apply_budgets(new)
+                self.events.publish("configReloaded", {"added": [], "removed": [], "changed": sorted(change.changed),
+                                                       "budgets": True, "evicted": sorted(trimmed)})
+                self.log.info("config reloaded: budgets only, models kept running; evicted to fit: {evicted}",
+                              evicted=sorted(trimmed) or "none")
+                return True
             old = self.runtime
             retired = old.shutdown(SHUTDOWN_GRACE)
             retired.addErrback(lambda f: self.log.failure("stopping the old config's models failed", f))
             self._retiring.add(retired)
             retired.addBoth(lambda result: self._retiring.discard(retired))
-            self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events)
+            self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events,
+                                   footprint_sampler=self.footprint_sampler)
             # every older generation still stopping (not just the one replaced now:
             # quick successive reloads leave several) must be gone first
             self.runtime.router.hold_starts_until(self.all_retired())
@@ -232,9 +249,11 @@ def build_service(
     watch: bool = False,
     registry: Optional[ChildRegistry] = None,
     notify: Optional[Notifier] = None,
+    footprint_sampler=None,
 ) -> LlamaSwapService:
     root = LlamaSwapService(reactor, config, config_path, config_dir,
-                            registry=registry if registry is not None else ChildRegistry())
+                            registry=registry if registry is not None else ChildRegistry(),
+                            footprint_sampler=footprint_sampler)
     root.notify = notify if notify is not None else Notifier.from_environ()
     SighupReload(root).setServiceParent(root)
     if watch:

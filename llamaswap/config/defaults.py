@@ -62,6 +62,19 @@ PRIORITY = 0
 MAX_WAIT = 60.0
 MAX_QUEUE = 512
 
+# resource budgets (llamaswap addition; see README "Resource budgets")
+MIN_RESIDENT = 0.0  # seconds a loaded model is safe from eviction
+SWAP_POLICY = "wait"  # a load that would evict a model within minResident waits ...
+SWAP_POLICIES = ("wait", "refuse")  # ... or is refused with 503 + Retry-After
+# amount suffixes: decimal and binary byte multiples (a plain number is taken as it is)
+SIZE_UNITS = {
+    "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
+    "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3, "TiB": 1024 ** 4,
+}
+FOOTPRINT_EVERY = 30.0  # seconds between GPU memory samples of ready models (NVML)
+MEMORY_RELEASE_WAIT = 5.0  # longest a start waits for a stopped model's GPU memory to be reported free
+MEMORY_RELEASE_POLL = 0.1  # how often NVML is asked meanwhile
+
 # selectors
 SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
 SELECTOR_SPILLOVER = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Optional
 
+from . import defaults as D
 from .errors import Problems, type_name
 from .yamltree import Path
 
@@ -39,6 +40,52 @@ def parse_duration(value: Any) -> Optional[float]:
     if pos != len(text) or pos == 0:
         return None
     return sign * total
+
+
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_SIZE_UNITS = {name.lower(): (name, factor) for name, factor in D.SIZE_UNITS.items()}
+
+
+def parse_amount(value: Any) -> Optional[tuple[float, bool]]:
+    """A resource amount: ``(amount, sized)`` or None when unreadable.
+
+    A number is taken as it is (``sized`` False); a string may carry a size
+    suffix (``24GiB``, ``500 MB``; ``KB/MB/GB/TB`` are powers of 1000,
+    ``KiB/MiB/GiB/TiB`` of 1024, case-insensitive), which makes it a whole
+    number of bytes (``sized`` True).  Negative amounts come back negative
+    (the caller reports them); unknown suffixes are None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return (value, False) if value == value else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    sign = 1
+    if text.startswith("-"):
+        sign, text = -1, text[1:]
+    m = _AMOUNT.match(text)
+    if m is None:
+        return None
+    number, unit = float(m.group(1)), m.group(2)
+    if not unit:
+        plain = int(number) if number.is_integer() else number
+        return sign * plain, False
+    known = _SIZE_UNITS.get(unit.lower())
+    if known is None:
+        return None
+    return sign * int(round(number * known[1])), True
+
+
+def format_amount(value: float, sized: bool) -> str:
+    """``25769803776`` sized -> ``24 GiB``; unsized amounts as plain numbers."""
+    if not sized:
+        return f"{value:g}"
+    for name in ("TiB", "GiB", "MiB", "KiB"):
+        factor = D.SIZE_UNITS[name]
+        if abs(value) >= factor:
+            return f"{value / factor:.4g} {name}"
+    return f"{value:g} B"
 
 
 class Fields:

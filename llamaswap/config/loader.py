@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from . import defaults as D
 from .dsl import expand_sets
 from .errors import ConfigError, Problems
-from .fields import Fields, parse_duration
+from .fields import Fields, format_amount, parse_amount, parse_duration
 from .macros import (
     env_references, expand, expand_key, leftover_macros, merge_model_macros,
     strip_comment_lines, substitute_env, validate_macro,
@@ -25,7 +25,7 @@ from .macros import (
 from .merge import merge
 from .types import (
     Capabilities, Config, Filters, Group, Matrix, MatrixSet, ModelConfig, Peer,
-    Performance, Profile, Routing, Selector, Timeouts, freeze,
+    Performance, Profile, Resources, Routing, Selector, Timeouts, freeze,
 )
 from .yamltree import Lines, YAMLSyntaxError, parse
 
@@ -34,8 +34,9 @@ TOP_LEVEL_KEYS = (
     "metricsMaxInMemory", "captureBuffer", "store", "ui", "performance", "globalTTL",
     "unloadTimeout", "startPort", "sendLoadingState", "includeAliasesInList", "macros",
     "apiKeys", "models", "profiles", "selectors", "hooks", "routing", "groups", "matrix",
-    "peers", "upstream", "maxRequestBodyBytes", "trustedProxies",
+    "peers", "upstream", "maxRequestBodyBytes", "trustedProxies", "resources", "swapPolicy",
 )
+RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 VAR_KEY = re.compile(r"^[a-zA-Z0-9.-]{1,32}$")
 
 
@@ -120,6 +121,7 @@ class _Builder:
     def __init__(self, problems: Problems, data: dict):
         self.p = problems
         self.data = data
+        self._model_sized: dict[str, dict[str, bool]] = {}  # model -> resource -> written with a size suffix
 
     # -- macros ---------------------------------------------------------------
 
@@ -258,6 +260,9 @@ class _Builder:
         capture_buffer = top.int("captureBuffer", D.CAPTURE_BUFFER_MB, minimum=0)
 
         models = self._models(top.sub("models"), hct, global_ttl, unload_timeout, send_loading, model_macros)
+        resources = self._resources(top.sub("resources"))
+        self._check_resources(models, resources)
+        swap_policy = top.choice("swapPolicy", D.SWAP_POLICY, D.SWAP_POLICIES)
         aliases = self._aliases(models)
         peers = self._peers(top.sub("peers"))
         routing = self._routing(top, models, aliases)
@@ -295,6 +300,8 @@ class _Builder:
             max_request_body_bytes=top.int("maxRequestBodyBytes", D.MAX_REQUEST_BODY_BYTES, minimum=1),
             trusted_proxies=self._trusted_proxies(top),
             aliases=freeze(aliases),
+            resources=resources,
+            swap_policy=swap_policy,
             sources=sources,
         )
         top.read.update(("groups", "matrix", "routing"))
@@ -341,6 +348,7 @@ class _Builder:
                     self.p.error(f.at("env") + (i,), f"must be NAME=value, got {entry!r}")
             loading = f.optional_bool("sendLoadingState")
             metadata = f.mapping("metadata")
+            resources, self._model_sized[model_id] = self._amounts(f, "resources")
             out[model_id] = ModelConfig(
                 id=model_id,
                 cmd=cmd,
@@ -365,10 +373,79 @@ class _Builder:
                 ignore_websockets=ignore_ws,
                 capabilities=self._capabilities(f.sub("capabilities")),
                 port=port,
+                resources=freeze(resources),
+                min_resident=self._min_resident(f),
             )
             f.read.add("macros")
             f.finish(("compat",))
         return out
+
+    # -- resource budgets ----------------------------------------------------------
+
+    def _amounts(self, f: Fields, key: str) -> tuple[dict, dict]:
+        """``({resource: amount}, {resource: written with a size suffix})``
+        from the mapping at ``key``; located errors for bad names, unreadable
+        or negative amounts."""
+        out: dict = {}
+        sized: dict[str, bool] = {}
+        for name, raw in f.mapping(key).items():
+            path = f.at(key) + (name,)
+            if not isinstance(name, str) or not RESOURCE_NAME.match(name):
+                self.p.error(path, f"resource name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+                continue
+            parsed = parse_amount(raw)
+            if parsed is None:
+                self.p.error(path, f"must be a number or a size such as 24GiB, 512MiB, 8GB (got {raw!r})")
+                continue
+            amount, is_sized = parsed
+            if amount < 0:
+                self.p.error(path, f"must be >= 0 (got {raw!r})")
+                continue
+            out[name], sized[name] = amount, is_sized
+        return out, sized
+
+    def _min_resident(self, f: Fields) -> float:
+        raw = f.raw("minResident")
+        if raw is None:
+            return D.MIN_RESIDENT
+        seconds = parse_duration(raw)
+        if seconds is None:
+            f.error("minResident", f"must be a number of seconds or a duration such as 30s, 2m (got {raw!r})")
+            return D.MIN_RESIDENT
+        if seconds < 0:
+            f.error("minResident", "must be >= 0")
+            return D.MIN_RESIDENT
+        return seconds
+
+    def _resources(self, f: Fields) -> Resources:
+        capacity, sized = self._amounts(f, "capacity")
+        f.finish()
+        for name, amount in capacity.items():
+            if not sized[name] and (name == "vram" or re.fullmatch(r"gpu\d+", name)):
+                self.p.warn(f.at("capacity") + (name,),
+                            f"is a plain number ({amount:g}): GPU memory measured through NVML (bytes) is "
+                            f"not compared with it; write a size such as 24GiB to have it counted")
+        return Resources(freeze(capacity), frozenset(n for n, s in sized.items() if s))
+
+    def _check_resources(self, models: dict, resources: Resources) -> None:
+        """Every model resource names a capacity and fits in it alone."""
+        capacity = resources.capacity
+        for model_id in sorted(models):
+            sized = self._model_sized.get(model_id, {})
+            for name, amount in models[model_id].resources.items():
+                path = ("models", model_id, "resources", name)
+                if name not in capacity:
+                    known = ", ".join(sorted(capacity)) or "none"
+                    self.p.error(path, f"unknown resource {name!r} (resources.capacity defines: {known})")
+                    continue
+                unit = name in resources.sized
+                if sized.get(name) != unit and amount:
+                    self.p.warn(path, f"{'is a plain number' if unit else 'has a size suffix'} but "
+                                      f"resources.capacity.{name} {'has a size suffix' if unit else 'is a plain number'}"
+                                      f"; both are compared as {'bytes' if unit else 'plain numbers'}")
+                if amount > capacity[name]:
+                    self.p.error(path, f"{model_id!r} alone needs {format_amount(amount, unit)} of {name}, more than "
+                                       f"resources.capacity.{name} ({format_amount(capacity[name], unit)})")
 
     def _filters(self, f: Fields, model: bool) -> Filters:
         strip = f.str("stripParams") or f.str("strip_params")

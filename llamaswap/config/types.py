@@ -99,6 +99,10 @@ class ModelConfig:
     capabilities: Capabilities = Capabilities()
     port: Optional[int] = None
     priority: int = D.PRIORITY
+    # resource budgets: declared footprint (resource name -> amount) and the
+    # seconds after a load during which the model is not evicted
+    resources: Mapping[str, float] = field(default_factory=lambda: EMPTY)
+    min_resident: float = D.MIN_RESIDENT
 
     @property
     def health_check_disabled(self) -> bool:
@@ -143,6 +147,23 @@ class Routing:
     priority: Mapping[str, int] = field(default_factory=lambda: EMPTY)  # real model id -> priority
     max_wait: float = D.MAX_WAIT
     max_queue: int = D.MAX_QUEUE
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Top-level ``resources``: ``capacity`` maps resource names to amounts.
+
+    ``sized`` names the resources whose capacity was written with a size
+    suffix (``24GiB``): amounts in bytes.  GPU memory measured through NVML
+    (bytes) counts only towards such resources named ``vram`` (all GPUs) or
+    ``gpu<N>`` (GPU N).
+    """
+
+    capacity: Mapping[str, float] = field(default_factory=lambda: EMPTY)
+    sized: frozenset = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.capacity)
 
 
 @dataclass(frozen=True)
@@ -209,6 +230,8 @@ class Config:
     max_request_body_bytes: int = D.MAX_REQUEST_BODY_BYTES
     trusted_proxies: tuple[str, ...] = D.TRUSTED_PROXIES
     aliases: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # alias -> model id
+    resources: Resources = Resources()
+    swap_policy: str = D.SWAP_POLICY
     warnings: tuple[str, ...] = field(default=(), compare=False)
     sources: tuple[str, ...] = field(default=(), compare=False)
 

@@ -46,6 +46,11 @@ class LoadingStream:
         for text in ("\n", f"Queue position: #{n}", " "):
             self.send(text)
 
+    def evicting(self, model: str, reason: str) -> None:
+        """A model is stopped to make room for this one."""
+        for text in ("\n", f"Evicting {model}: {reason}", " "):
+            self.send(text)
+
     def stop(self) -> None:
         if self.loop.running:
             self.loop.stop()

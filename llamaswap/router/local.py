@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from ..config import Config, ModelConfig
 from ..events import EventBus
 from ..process import Process, ProcessState
-from .planners import planner_for
+from .planners import planner_for_config
 from .scheduler import MSG_SHUTDOWN, Scheduler
 
 
@@ -60,11 +60,16 @@ class LocalRouter:
     log = Logger()
 
     def __init__(self, reactor, config: Config, processes: Mapping[str, Process],
-                 events: Optional[EventBus] = None):
+                 events: Optional[EventBus] = None, footprints=None):
+        """``footprints`` (a ``llamaswap.perf.footprint.Footprints``, optional):
+        measured footprints for the budget planner, and the wait for GPU
+        memory released by stopped models before a start."""
         self.reactor = reactor
         self.config = config
         self.processes = dict(processes)
         self.events = events if events is not None else EventBus()
+        self.footprints = footprints
+        self._evict_reasons: dict[str, str] = {}
         self._waiting: dict[Hashable, defer.Deferred] = {}
         self._granted: dict[Hashable, Grant] = {}
         self._positions: dict[Hashable, Callable[[int], None]] = {}
@@ -72,7 +77,7 @@ class LocalRouter:
         self._stopping: dict[str, defer.Deferred] = {}
         self._gate: Optional[list] = None  # waiters while the previous config's models stop
         self.scheduler = Scheduler(
-            planner_for(config.routing),
+            planner_for_config(config),
             self,
             self._state,
             {mid: m.concurrency_limit for mid, m in config.models.items()},
@@ -80,7 +85,31 @@ class LocalRouter:
             max_wait=config.routing.max_wait,
             max_queue=config.routing.max_queue,
             clock=reactor,
+            min_resident={mid: m.min_resident for mid, m in config.models.items()},
+            swap_policy=config.swap_policy,
+            measured=footprints.measured if footprints is not None else None,
         )
+
+    def apply_budgets(self, config: Config) -> frozenset:
+        """A reload changed only budgets (``resources``, ``minResident``,
+        ``swapPolicy``): plan with them from now on, keeping every model, the
+        queue and the swaps under way; stop the idle models, least recently
+        used first, that no longer fit a lowered capacity.  Returns those."""
+        self.config = config
+        self.scheduler.reconfigure(
+            planner_for_config(config),
+            min_resident={mid: m.min_resident for mid, m in config.models.items()},
+            swap_policy=config.swap_policy)
+        trimmed = self.scheduler.trim()
+        for model in sorted(trimmed):
+            reason = "resources.capacity was lowered by a reload and it is the least recently used idle model"
+            self.log.info("{model} evicted: {reason}", model=model, reason=reason)
+            self.events.publish("evict", {"model": model, "reason": reason})
+            process = self.processes[model]
+            d = self._stop(process, process.model.unload_timeout)
+            d.addCallback(lambda _, m=model: self.scheduler.model_stopped(m))  # room for queued requests
+            d.addErrback(lambda f, m=model: self.log.failure("stopping {model} failed", f, model=m))
+        return trimmed
 
     def hold_starts_until(self, d: defer.Deferred) -> None:
         """No model starts before ``d`` fires (the previous config's models are
@@ -170,14 +199,19 @@ class LocalRouter:
 
     def evicting(self, model: str, reason: str) -> None:
         self.log.info("{model} evicted: {reason}", model=model, reason=reason)
+        self._evict_reasons[model] = reason  # the swap event that follows carries it too
         self.events.publish("evict", {"model": model, "reason": reason})
 
     def start_swap(self, target: str, evict: frozenset, reason: str) -> None:
         self.log.info("swap to {target}: {reason}", target=target, reason=reason or "load")
-        self.events.publish("swap", {"target": target, "evict": sorted(evict), "reason": reason})
+        reasons = {m: self._evict_reasons.pop(m, reason) for m in sorted(evict)}
+        self.events.publish("swap", {"target": target, "evict": sorted(evict), "reason": reason,
+                                     "reasons": reasons})
         stops = [self._stop(self.processes[m], self.processes[m].model.health_check_timeout)
                  for m in sorted(evict) if m in self.processes]
         d = defer.gatherResults(stops, consumeErrors=True) if stops else defer.succeed(None)
+        if self.footprints is not None:  # the GPU driver may still hold a stopped model's memory
+            d.addCallback(lambda _: self.footprints.released())
         d.addCallback(lambda _: self._gate_open())
         d.addCallback(lambda _: self.processes[target].ensure_ready())
 

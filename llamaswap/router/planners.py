@@ -5,7 +5,7 @@ A planner answers one question for the scheduler: to serve ``target`` while
 swaps under way), which of them must be stopped first?  The answer is a
 :class:`Plan` that also says *why*, so the router can log each eviction.
 
-Two planners share the :class:`Planner` interface:
+Three planners share the :class:`Planner` interface:
 
 * :class:`GroupPlanner` -- llama-swap's groups (``swap``, ``exclusive``,
   ``persistent``), including its one-way gotcha: loading from an
@@ -15,18 +15,29 @@ Two planners share the :class:`Planner` interface:
 * :class:`MatrixPlanner` -- llama-swap's matrix: pick the set alternative
   containing the target that is cheapest to reach (sum of evict costs of the
   running models outside it), ties by set order then alternative order.
+* :class:`BudgetPlanner` -- wraps one of those two ("planners compose"):
+  whatever it evicts, loading a target that is not running also evicts
+  models until the target fits every ``resources.capacity``, least
+  recently used first (see its docstring for the order).
 
-Planners hold no state besides their configuration and do no I/O.
+Planners hold no state besides their configuration and do no I/O.  What a
+budget decision needs beyond names (footprints measured so far, requests in
+flight, recency) comes in a :class:`Usage` snapshot from the scheduler.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import AbstractSet, Iterable, Optional, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import AbstractSet, Any, Iterable, Mapping, Optional, Protocol, Sequence
 
-from llamaswap.config.types import Group, Matrix, Routing
+from llamaswap.config.fields import format_amount
+from llamaswap.config.types import Config, Group, Matrix, Routing
 
-__all__ = ["Plan", "Planner", "GroupPlanner", "MatrixPlanner", "planner_for"]
+__all__ = ["BudgetPlanner", "Plan", "Planner", "GroupPlanner", "MatrixPlanner", "Usage", "planner_for",
+           "planner_for_config"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 def _names(models: Iterable[str]) -> str:
@@ -49,6 +60,7 @@ class Plan:
     alternative: Optional[frozenset[str]] = None
     alternative_of: Optional[str] = None  # the matrix set name
     cost: int = 0
+    infeasible: str = ""  # set by the budget planner: why the target cannot run at all
 
     def why(self, model: str) -> str:
         """Why ``model`` is evicted by this plan ("" when it is not)."""
@@ -196,6 +208,188 @@ class MatrixPlanner(_CoexistMixin):
         return Plan(target, evict, reason, reasons, alternative, set_name, cost)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a budget decision weighs besides model names: a snapshot the
+    scheduler takes for one decision.
+
+    ``in_flight``: requests being served, per model.  ``recency``: a sort
+    key per model, larger for more recent use (a model missing from it was
+    never used).  ``young``: the models loaded less than their
+    ``minResident`` ago, with the seconds left until they may be evicted.
+    ``measured``: model -> resource -> amount measured (NVML), used when it
+    exceeds the declared amount.
+    """
+
+    in_flight: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    recency: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    young: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    measured: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: _EMPTY)
+
+
+NO_USAGE = Usage()
+
+# eviction tiers of the budget planner, in order
+_IDLE, _WAIT, _PERSISTENT = 0, 1, 2
+
+
+class BudgetPlanner:
+    """Resource budgets, composed after another planner.
+
+    ``inner`` (groups or matrix) decides first.  When the target is not
+    running and the models that stay (running, less the inner plan's
+    evictions) plus the target would exceed a capacity, more models go, one
+    at a time in this order, until the target fits every capacity:
+
+    1. idle models (no request in flight, loaded at least ``minResident``
+       ago), least recently used first;
+    2. models with requests in flight or within ``minResident`` (the
+       scheduler waits for them before the swap starts), least recently
+       used first;
+    3. members of ``persistent`` groups, in the same order: only when
+       nothing else frees enough.
+
+    A candidate that frees nothing of a resource still over capacity is
+    skipped.  This is least-recently-used order, not the cheapest set: the
+    oldest idle model goes first even when a newer one alone would free
+    enough.  A model's footprint is, per resource, the larger of what it
+    declares and what was measured.  A target that alone exceeds a capacity
+    gets a plan with ``infeasible`` set.  A target that is already running
+    (starting, ready, or stopping and about to start again) evicts nothing
+    more and is never infeasible: the budget decides loads; it does not
+    refuse or reshuffle models already resident.
+    """
+
+    def __init__(self, inner: Planner, capacity: Mapping[str, float],
+                 declared: Mapping[str, Mapping[str, float]],
+                 persistent: AbstractSet[str] = frozenset(),
+                 sized: AbstractSet[str] = frozenset()) -> None:
+        """``capacity``: resource -> amount; ``declared``: model -> resource
+        -> amount; ``persistent``: members of persistent groups; ``sized``:
+        resources counted in bytes (for messages)."""
+        self.inner = inner
+        self.capacity = dict(capacity)
+        self.declared = {m: dict(r) for m, r in declared.items()}
+        self.persistent = frozenset(persistent)
+        self.sized = frozenset(sized)
+
+    def amount(self, resource: str, value: float) -> str:
+        return format_amount(value, resource in self.sized)
+
+    def footprint(self, model: str, usage: Usage = NO_USAGE) -> dict[str, float]:
+        """Per capacity resource: max(declared, measured)."""
+        declared = self.declared.get(model, _EMPTY)
+        measured = usage.measured.get(model, _EMPTY)
+        return {r: max(declared.get(r, 0), measured.get(r, 0)) for r in self.capacity}
+
+    def used(self, models: Iterable[str], usage: Usage = NO_USAGE) -> dict[str, float]:
+        """Per capacity resource: the summed footprints of ``models``."""
+        total = {r: 0.0 for r in self.capacity}
+        for m in models:
+            for r, amount in self.footprint(m, usage).items():
+                total[r] += amount
+        return total
+
+    def _tier(self, model: str, usage: Usage) -> int:
+        if model in self.persistent:
+            return _PERSISTENT
+        if usage.in_flight.get(model, 0) > 0 or model in usage.young:
+            return _WAIT
+        return _IDLE
+
+    def _order(self, models: Iterable[str], usage: Usage) -> list[str]:
+        never = float("-inf")
+        return sorted(models, key=lambda m: (self._tier(m, usage), usage.recency.get(m, never), m))
+
+    def _over(self, used: Mapping[str, float]) -> list[str]:
+        return [r for r in sorted(self.capacity) if used[r] > self.capacity[r]]
+
+    def _describe(self, used: Mapping[str, float], resources: Iterable[str]) -> str:
+        return ", ".join(f"{r} {self.amount(r, used[r])} > {self.amount(r, self.capacity[r])}"
+                         for r in resources)
+
+    def infeasible(self, target: str, usage: Usage = NO_USAGE) -> str:
+        """Why ``target`` cannot run even alone ("" when it can)."""
+        need = self.footprint(target, usage)
+        for r in sorted(self.capacity):
+            if need[r] > self.capacity[r]:
+                declared = self.declared.get(target, _EMPTY).get(r, 0)
+                what = "measured" if need[r] > declared else "declared"
+                return (f"model {target!r} needs {self.amount(r, need[r])} of {r} ({what}), more than "
+                        f"resources.capacity.{r} ({self.amount(r, self.capacity[r])})")
+        return ""
+
+    def plan(self, target: str, running: AbstractSet[str], usage: Usage = NO_USAGE) -> Plan:
+        return self.apply(self.inner.plan(target, running), running, usage)
+
+    def apply(self, plan: Plan, running: AbstractSet[str], usage: Usage = NO_USAGE) -> Plan:
+        """``plan`` (the inner planner's) plus the evictions the budget needs."""
+        target = plan.target
+        if not self.capacity or target in running:
+            return plan
+        why_not = self.infeasible(target, usage)
+        if why_not:
+            return replace(plan, infeasible=why_not)
+        staying = [m for m in running if m != target and m not in plan.evict]
+        used = self.used([*staying, target], usage)
+        over = self._over(used)
+        if not over:
+            return plan
+        pressure = self._describe(used, over)
+        chosen: list[tuple[str, str]] = []
+        for m in self._order(staying, usage):
+            if not over:
+                break
+            frees = self.footprint(m, usage)
+            if not any(frees[r] > 0 for r in over):
+                continue
+            for r, amount in frees.items():
+                used[r] -= amount
+            over = self._over(used)
+            tier = self._tier(m, usage)
+            if tier == _IDLE:
+                kind = "least recently used idle model"
+            elif tier == _WAIT:
+                kind = ("least recently used of the models in use or within minResident "
+                        "(the load waits for it)")
+            else:
+                kind = "persistent group member, evicted because nothing else frees enough"
+            chosen.append((m, f"makes room for {target!r} ({pressure}): {kind}"))
+        if over:  # unreachable while the target alone fits; kept as a guard
+            return replace(plan, infeasible=f"model {target!r} does not fit: {self._describe(used, over)}")
+        names = [m for m, _ in chosen]
+        reason = f"{plan.reason}; to fit resources.capacity ({pressure}) also evicts {_names(names)}"
+        return replace(plan, evict=plan.evict | frozenset(names), reason=reason,
+                       reasons=plan.reasons + tuple(chosen))
+
+    def trim(self, running: AbstractSet[str], usage: Usage = NO_USAGE) -> tuple[str, ...]:
+        """Idle models to stop, least recently used first (persistent group
+        members last), until ``running`` fits every capacity; models with
+        requests in flight are never chosen (for a capacity lowered by a
+        reload: the next load evicts the rest)."""
+        used = self.used(running, usage)
+        over = self._over(used)
+        out: list[str] = []
+        for m in self._order(running, usage):
+            if not over:
+                break
+            if usage.in_flight.get(m, 0) > 0:
+                continue
+            frees = self.footprint(m, usage)
+            if not any(frees[r] > 0 for r in over):
+                continue
+            for r, amount in frees.items():
+                used[r] -= amount
+            over = self._over(used)
+            out.append(m)
+        return tuple(out)
+
+    def can_coexist(self, models: AbstractSet[str]) -> bool:
+        """The inner planner lets ``models`` run together and their declared
+        footprints fit every capacity."""
+        return self.inner.can_coexist(models) and not self._over(self.used(models))
+
+
 def planner_for(routing: Routing) -> Planner:
     """The planner ``routing.router`` names (``group`` or ``matrix``)."""
     if routing.router == "group":
@@ -206,3 +400,16 @@ def planner_for(routing: Routing) -> Planner:
         return MatrixPlanner(routing.matrix)
     raise ValueError(f"unknown router {routing.router!r} (expected 'group' or 'matrix')")
 
+
+def planner_for_config(config: Config) -> Planner:
+    """``planner_for(config.routing)``, wrapped in a :class:`BudgetPlanner`
+    when ``resources.capacity`` is set."""
+    inner = planner_for(config.routing)
+    if not config.resources:
+        return inner
+    routing = config.routing
+    persistent = ({m for g in routing.groups if g.persistent for m in g.members}
+                  if routing.router == "group" else set())
+    declared = {mid: m.resources for mid, m in config.models.items() if m.resources}
+    return BudgetPlanner(inner, config.resources.capacity, declared, persistent,
+                         config.resources.sized)

@@ -20,13 +20,23 @@ control):
    ``Retry-After``; otherwise the request is admitted.
 2. A swap for M is under way -> join its waiters.
 3. Plan the swap: ``planner.plan(M, running)`` where ``running`` is every
-   model whose state is not "stopped", plus the targets of swaps under way.
+   model whose state is not "stopped", plus the targets of swaps under way
+   (so starting and stopping models count until their process is gone).  A
+   :class:`~llamaswap.router.planners.BudgetPlanner` also gets a
+   :class:`~llamaswap.router.planners.Usage` snapshot (in-flight counts,
+   recency, models within ``minResident``, measured footprints).  A plan
+   marked infeasible (M alone exceeds a capacity) -> 503 naming the resource.
 4. M ready, nothing to evict, no collision -> grant now (fast path).
 5. Collides with a swap under way (our evict set holds its target, its evict
    set holds M, or the evict sets overlap) -> queue.
-6. A model to evict has requests in flight -> queue (eviction never cuts a
+6. A model to evict was loaded less than its ``minResident`` ago (no
+   thrash) -> with ``swap_policy`` "refuse", 503 with ``Retry-After`` (the
+   seconds until it may go); else queue, and a clock call re-evaluates the
+   queue when it may go.  An overdue request (see below) ignores
+   ``minResident``: the wait is bounded by ``max_wait``.
+7. A model to evict has requests in flight -> queue (eviction never cuts a
    running request short).
-7. Otherwise start a swap (disjoint swaps run in parallel).
+8. Otherwise start a swap (disjoint swaps run in parallel).
 
 A request that must be queued while ``max_queue`` requests are queued fails
 with 503 and ``Retry-After`` instead.
@@ -77,6 +87,8 @@ behind the ones being delivered).
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -84,12 +96,13 @@ from typing import (AbstractSet, Any, Callable, Hashable, Iterable, Mapping, Opt
                     Protocol)
 
 from llamaswap.config import defaults
-from llamaswap.router.planners import Plan, Planner
+from llamaswap.router.planners import BudgetPlanner, Plan, Planner, Usage
 
 __all__ = [
     "Scheduler", "Effects", "Outcome", "QueueEntry", "SwapInfo",
     "STOPPED", "STARTING", "READY", "STOPPING",
     "MSG_NOT_FOUND", "MSG_TOO_MANY", "MSG_QUEUE_FULL", "MSG_UNLOADED", "MSG_SHUTDOWN",
+    "MSG_MIN_RESIDENT",
 ]
 
 STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
@@ -99,6 +112,7 @@ MSG_TOO_MANY = "Too many requests"
 MSG_QUEUE_FULL = "request queue is full"
 MSG_UNLOADED = "model unloaded"
 MSG_SHUTDOWN = "llamaswap is shutting down"
+MSG_MIN_RESIDENT = "swap refused (swapPolicy: refuse)"
 RETRY_AFTER = {"Retry-After": "1"}
 
 # where a request is
@@ -213,11 +227,27 @@ class Scheduler:
                  priorities: Optional[Mapping[str, int]] = None,
                  max_wait: Optional[float] = defaults.MAX_WAIT,
                  max_queue: int = defaults.MAX_QUEUE,
-                 clock: Optional[Clock] = None) -> None:
+                 clock: Optional[Clock] = None,
+                 min_resident: Optional[Mapping[str, float]] = None,
+                 swap_policy: str = defaults.SWAP_POLICY,
+                 measured: Optional[Mapping[str, Mapping[str, float]]] = None) -> None:
         """``limits`` maps every local model to its concurrency limit (0 or
         less: unlimited); ``priorities`` maps models to queue priorities
-        (default 0)."""
+        (default 0); ``min_resident`` maps models to the seconds after a load
+        during which they are not evicted (needs ``clock``); ``swap_policy``
+        is "wait" or "refuse" (see rule 6); ``measured`` is a live mapping
+        model -> resource -> measured footprint, read on every decision."""
         self._planner = planner
+        self._budget = planner if isinstance(planner, BudgetPlanner) else None
+        self._inner: Planner = planner.inner if isinstance(planner, BudgetPlanner) else planner
+        self._min_resident = {m: s for m, s in (min_resident or {}).items() if s > 0}
+        self._swap_policy = swap_policy
+        self._measured: Mapping[str, Mapping[str, float]] = measured if measured is not None else {}
+        self._recency: dict[str, int] = {}
+        self._uses = itertools.count(1)
+        self._loaded_at: dict[str, float] = {}
+        self._wake: Optional[DelayedCall] = None
+        self._wake_time = math.inf
         self._effects = effects
         self._state = state
         self._limits = dict(limits)
@@ -285,6 +315,8 @@ class Scheduler:
         """The swap for ``target`` finished: grant its waiters, or fail them
         with 500 when ``error`` is set; then drain the queue."""
         swap = self._swaps.pop(target, None)
+        if error is None and swap is not None and not swap.cancelled:
+            self._loaded_at.setdefault(target, self._now())
         if swap is not None and not swap.cancelled:
             for req in list(swap.waiters.values()):
                 if error is None:
@@ -306,6 +338,7 @@ class Scheduler:
         del self._requests[req_id]
         self._admitted[req.model] -= 1
         self._in_flight[req.model] -= 1
+        self._recency[req.model] = next(self._uses)
         if self._in_flight[req.model] == 0:
             self._drain()
         self._settle()
@@ -344,7 +377,35 @@ class Scheduler:
         self._swaps.clear()
         for req in list(self._queue):
             self._fail(req, 503, MSG_SHUTDOWN)
+        self._cancel_wake()
         self._settle()
+
+    def reconfigure(self, planner: Planner, *, min_resident: Optional[Mapping[str, float]] = None,
+                    swap_policy: str = defaults.SWAP_POLICY) -> None:
+        """A reload changed only budgets (capacities, footprints,
+        ``minResident``, ``swapPolicy``): plan with ``planner`` from now on,
+        keeping the queue, swaps, in-flight counts and recency; then drain."""
+        self._planner = planner
+        self._budget = planner if isinstance(planner, BudgetPlanner) else None
+        self._inner = planner.inner if isinstance(planner, BudgetPlanner) else planner
+        self._min_resident = {m: s for m, s in (min_resident or {}).items() if s > 0}
+        self._swap_policy = swap_policy
+        self._plans.clear()
+        self._drain()
+        self._settle()
+
+    def trim(self) -> frozenset[str]:
+        """The idle models to stop so that the running ones fit every
+        capacity (after a reload lowered one), least recently used first;
+        models with requests in flight, swap targets and models a swap is
+        evicting are left alone.  The router stops what this returns."""
+        if self._budget is None or self._closed:
+            return frozenset()
+        busy = set(self._swaps)
+        for swap in self._swaps.values():
+            busy |= swap.evict
+        running = frozenset(m for m in self._running() if m not in busy)
+        return frozenset(self._budget.trim(running, self._usage()))
 
     # -- introspection ------------------------------------------------------
 
@@ -381,15 +442,36 @@ class Scheduler:
     def _running(self) -> frozenset[str]:
         up = {m for m in self._limits if self._state(m) not in (STOPPED, "shutdown")}
         up.update(self._swaps)
+        for model in [m for m in self._loaded_at if m not in up]:
+            del self._loaded_at[model]  # stopped: the next load starts its minResident afresh
         return frozenset(up)
 
+    def _young(self) -> dict[str, float]:
+        """Models within their ``minResident``: seconds until they may go."""
+        if self._clock is None or not self._loaded_at:
+            return {}
+        now = self._clock.seconds()
+        out = {}
+        for model, at in self._loaded_at.items():
+            left = at + self._min_resident.get(model, 0.0) - now
+            if left > 1e-6:  # not float dust at the very deadline
+                out[model] = left
+        return out
+
+    def _usage(self) -> Usage:
+        return Usage(self._in_flight, self._recency, self._young(), self._measured)
+
     def _plan(self, target: str, running: frozenset[str]) -> Plan:
+        """The inner planner's plan (a pure function of its arguments, so
+        cached), then the budget's additions (they depend on usage)."""
         key = (target, running)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 4096:
                 self._plans.clear()
-            plan = self._plans[key] = self._planner.plan(target, running)
+            plan = self._plans[key] = self._inner.plan(target, running)
+        if self._budget is not None:
+            plan = self._budget.apply(plan, running, self._usage())
         return plan
 
     def _reserved_by(self, req: _Req, guards: list[_Req],
@@ -415,6 +497,9 @@ class Scheduler:
             req.where, req.swap = _WAITING, swap
             return Outcome.JOINED, ""
         plan = self._plan(model, running)
+        if plan.infeasible:
+            self._fail(req, 503, plan.infeasible)
+            return Outcome.FAILED, ""
         evict = plan.evict - {model}
         for other in self._swaps.values():
             if _collides(model, evict, other.target, other.evict):
@@ -425,6 +510,19 @@ class Scheduler:
                 return None, f"{model!r} is reserved for overdue request {guard.id!r}"
             self._grant(req)
             return Outcome.GRANTED, ""
+        if not req.overdue and self._min_resident:
+            young = {m: left for m, left in self._young().items() if m in evict}
+            if young:
+                names = _names(young)
+                if self._swap_policy == "refuse":
+                    retry = str(max(1, math.ceil(max(young.values()))))
+                    self._fail(req, 503, f"{MSG_MIN_RESIDENT}: loading {model!r} would evict {names}, "
+                                         f"loaded less than minResident ago; retry in {retry}s",
+                               {"Retry-After": retry})
+                    return Outcome.FAILED, ""
+                self._wake_in(min(young.values()))
+                return None, (f"waits for minResident of {names} "
+                              f"({max(young.values()):.1f}s left)")
         busy = [m for m in evict if self._in_flight.get(m, 0) > 0]
         if busy:
             return None, f"waits for requests in flight on {_names(busy)}"
@@ -435,6 +533,8 @@ class Scheduler:
             g_evict = self._plan(guard.model, with_target).evict - {guard.model}
             if guard.model == model or _collides(model, evict, guard.model, g_evict):
                 return None, f"would delay overdue request {guard.id!r}"
+        if self._state(model) != READY:
+            self._loaded_at.pop(model, None)  # its minResident starts when this load is done
         swap = self._swaps[model] = _Swap(model, evict, plan.reason)
         swap.waiters[req.id] = req
         req.where, req.swap = _WAITING, swap
@@ -457,13 +557,14 @@ class Scheduler:
                 req.blocked = why
                 if req.overdue:
                     guards.append(req)
-            else:
+            elif outcome is not Outcome.FAILED:  # a failed request has left the queue already
                 self._unqueue(req)
 
     # -- bookkeeping --------------------------------------------------------
 
     def _grant(self, req: _Req) -> None:
         req.where, req.swap = _GRANTED, None
+        self._recency[req.model] = next(self._uses)
         self._in_flight[req.model] += 1
         self._emit(self._effects.grant, req.id, req.model)
 
@@ -520,6 +621,28 @@ class Scheduler:
         self._queue.remove(req)
         req.overdue = True
         self._insert(req)
+        self._drain()
+        self._settle()
+
+    def _wake_in(self, delay: float) -> None:
+        """Re-evaluate the queue ``delay`` seconds from now (the earliest
+        such call wins; one timer at a time)."""
+        if self._clock is None:
+            return
+        when = self._clock.seconds() + delay
+        if self._wake is not None and self._wake.active() and self._wake_time <= when:
+            return
+        self._cancel_wake()
+        self._wake_time = when
+        self._wake = self._clock.callLater(delay, self._on_wake)
+
+    def _cancel_wake(self) -> None:
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake, self._wake_time = None, math.inf
+
+    def _on_wake(self) -> None:
+        self._wake, self._wake_time = None, math.inf
         self._drain()
         self._settle()
 

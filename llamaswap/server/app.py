@@ -316,6 +316,9 @@ class LlamaSwapApp:
             info = dict(meta, type="model")
             if model.aliases:
                 info["aliases"] = list(model.aliases)
+            footprint = self.runtime.footprints.record(model_id)
+            if footprint is not None:
+                info["footprint"] = footprint
             record = dict(base, id=model_id, status=status)
             record["meta"] = {"llamaswap": info}
             if caps.context:
@@ -341,8 +344,12 @@ class LlamaSwapApp:
         for model_id, process in sorted(self.runtime.processes.items()):
             if process.state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING):
                 m = process.model
-                out.append({"model": model_id, "state": str(process.state), "cmd": m.cmd.strip(),
-                            "proxy": m.proxy, "ttl": m.ttl, "name": m.name, "description": m.description})
+                entry = {"model": model_id, "state": str(process.state), "cmd": m.cmd.strip(),
+                         "proxy": m.proxy, "ttl": m.ttl, "name": m.name, "description": m.description}
+                footprint = self.runtime.footprints.record(model_id)
+                if footprint is not None:
+                    entry["footprint"] = footprint
+                out.append(entry)
         return send_json(request, {"running": out})
 
     @app.route("/unload", methods=["GET"])
@@ -432,6 +439,9 @@ class LlamaSwapApp:
                 item["aliases"] = list(m.aliases)
             if m.capabilities.context:
                 item["context_length"] = m.capabilities.context
+            footprint = self.runtime.footprints.record(model_id)
+            if footprint is not None:
+                item["footprint"] = footprint
             out.append(item)
         for peer in config.peers.values():
             for name in peer.models:
@@ -468,7 +478,7 @@ class LlamaSwapApp:
         stream.write(sse("inflight", self.inflight.snapshot()))
 
         def on_event(kind: str, data) -> None:
-            if kind in ("modelStatus", "configReloaded"):
+            if kind in ("modelStatus", "configReloaded", "footprint"):
                 stream.write(sse("modelStatus", self.model_status()))
             elif kind in ("inflight", "activity", "profileChanged"):
                 stream.write(sse(kind, data))
@@ -730,18 +740,29 @@ class LlamaSwapApp:
         loading = None
         if (model.send_loading_state and streaming and info.upstream_path.startswith("/v1/chat/completions")
                 and process.state is not ProcessState.READY):
-            seen: list = []
+            seen: list = []  # what happened before the stream began, replayed into it
+
+            def note(event) -> None:
+                if loading is not None:
+                    event(loading)
+                else:
+                    seen.append(event)
 
             def on_position(n: int) -> None:
-                seen.append(n)
-                if loading is not None:
-                    loading.position(n)
+                note(lambda stream: stream.position(n))
 
+            def on_swap(kind: str, data) -> None:  # which models make room for ours, and why
+                if data.get("target") == model_id:
+                    for evicted, why in data.get("reasons", {}).items():
+                        note(lambda stream, m=evicted, w=why: stream.evicting(m, w))
+
+            stop_listening = runtime.router.events.subscribe(on_swap, kinds=("swap",))
             wait = runtime.router.request(model_id, on_position)
+            wait.addBoth(lambda result: (stop_listening(), result)[1])
             if not wait.called:
                 loading = LoadingStream(request, self.clock, model_id)
-                for n in seen:
-                    loading.position(n)
+                for event in seen:
+                    event(loading)
         else:
             wait = runtime.router.request(model_id)
         try:

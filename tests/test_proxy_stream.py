@@ -6,7 +6,7 @@ import json
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Protocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -140,3 +140,69 @@ class StreamTests(TestCase):
         response.deliverBody(collector)
         yield collector.done
         self.assertIsInstance(self.proxy.errors[0], UpstreamUnavailable)
+
+
+class ChunkedBodyTests(SynchronousTestCase):
+    """A large request body goes upstream a chunk per reactor turn, paused by the connection."""
+
+    def test_small_body_at_once(self):
+        from twisted.internet.task import Clock
+        from llamaswap.proxy.stream import BytesProducer
+
+        written = []
+
+        class Consumer:
+            write = written.append
+
+        d = BytesProducer(b"abc", Clock()).startProducing(Consumer())
+        self.assertEqual(written, [b"abc"])
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_large_body_in_chunks_with_pause(self):
+        from twisted.internet.task import Clock
+        from llamaswap.proxy.stream import BytesProducer
+
+        clock = Clock()
+        body = bytes(range(256)) * (BytesProducer.CHUNK // 256) * 3 + b"tail"
+        producer = BytesProducer(body, clock)
+        written = []
+
+        class Consumer:
+            def write(self, data):
+                written.append(data)
+                if len(written) == 2:
+                    producer.pauseProducing()  # the transport's buffer is full
+
+        d = producer.startProducing(Consumer())
+        self.assertEqual(written, [])  # nothing in the caller's turn
+        clock.advance(0)
+        clock.advance(0)
+        self.assertEqual(len(written), 2)
+        clock.advance(0)
+        self.assertEqual(len(written), 2)  # paused: nothing more
+        self.assertNoResult(d)
+        producer.resumeProducing()
+        for _ in range(5):
+            clock.advance(0)
+        self.assertEqual(b"".join(written), body)
+        self.assertTrue(all(len(c) <= BytesProducer.CHUNK for c in written))
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_stop_never_fires(self):
+        from twisted.internet.task import Clock
+        from llamaswap.proxy.stream import BytesProducer
+
+        clock = Clock()
+        producer = BytesProducer(b"x" * (BytesProducer.CHUNK * 2 + 1), clock)
+        written = []
+
+        class Consumer:
+            write = written.append
+
+        d = producer.startProducing(Consumer())
+        clock.advance(0)
+        producer.stopProducing()
+        for _ in range(5):
+            clock.advance(0)
+        self.assertEqual(len(written), 1)
+        self.assertNoResult(d)

@@ -76,24 +76,69 @@ def describe_failure(failure: Failure) -> str:
 
 @implementer(IBodyProducer)
 class BytesProducer:
-    """A request body already in memory (it was read with a size bound)."""
+    """A request body already in memory (it was read with a size bound).
 
-    def __init__(self, body: bytes):
+    A small body is written at once.  A large one goes ``CHUNK`` bytes per
+    reactor turn, paused while the connection's buffer is full: one write of
+    tens of MiB would hold the reactor while the transport joins and copies
+    it, and fill memory with a second copy of the body."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, body: bytes, clock=None):
         self.body = body
         self.length = len(body)
+        self._clock = clock
+        self._consumer = None
+        self._offset = 0
+        self._paused = False
+        self._call = None
+        self._done: Optional[defer.Deferred] = None
 
     def startProducing(self, consumer):
-        consumer.write(self.body)
-        return defer.succeed(None)
+        if self.length <= self.CHUNK:
+            consumer.write(self.body)
+            return defer.succeed(None)
+        if self._clock is None:
+            from twisted.internet import reactor as clock
+            self._clock = clock
+        self._consumer, self._offset, self._done = consumer, 0, defer.Deferred()
+        done = self._done
+        self._schedule()
+        return done
+
+    def _schedule(self) -> None:
+        if self._call is None and not self._paused and self._done is not None:
+            self._call = self._clock.callLater(0, self._step)
+
+    def _step(self) -> None:
+        self._call = None
+        if self._done is None or self._paused:
+            return
+        end = min(self._offset + self.CHUNK, self.length)
+        chunk, self._offset = self.body[self._offset:end], end
+        self._consumer.write(chunk)  # may pause us
+        if end >= self.length:
+            done, self._done = self._done, None
+            if done is not None:
+                done.callback(None)
+        else:
+            self._schedule()
 
     def pauseProducing(self):
-        pass
+        self._paused = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
     def resumeProducing(self):
-        pass
+        self._paused = False
+        self._schedule()
 
     def stopProducing(self):
-        pass
+        # the connection went away: write nothing more, never fire
+        self.pauseProducing()
+        self._done = None
 
 
 @implementer(IBodyProducer)
@@ -103,7 +148,7 @@ class ContinueBody(BytesProducer):
     anything (``100 Continue`` or a final status) or after ``wait`` seconds."""
 
     def __init__(self, body: bytes, clock, wait: float):
-        super().__init__(body)
+        super().__init__(body, clock)
         self.clock = clock
         self.wait = wait
         self.protocol = None
@@ -128,8 +173,7 @@ class ContinueBody(BytesProducer):
         self._disarm()
         if finished is None or finished.called:
             return
-        self.consumer.write(self.body)
-        finished.callback(None)
+        BytesProducer.startProducing(self, self.consumer).chainDeferred(finished)
 
     def _disarm(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -141,6 +185,7 @@ class ContinueBody(BytesProducer):
 
     def stopProducing(self):
         self._disarm()  # the connection went away: never write, never fire
+        BytesProducer.stopProducing(self)
 
 
 def wants_continue(headers: Headers) -> bool:
@@ -344,7 +389,7 @@ def forward(
     if body and expect_continue > 0 and clock is not None and wants_continue(headers):
         producer = ContinueBody(body, clock, expect_continue)
     else:
-        producer = BytesProducer(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
+        producer = BytesProducer(body, clock) if body or method in (b"POST", b"PUT", b"PATCH") else None
     pending = agent.request(method, url, headers, producer)
     relay_holder["pending"] = pending
     timer = None

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from typing import Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -28,7 +28,13 @@ from llamaswap.process import (
     StartAbortedError,
     StartError,
 )
-from llamaswap.process.process import EXIT_DRAIN_TIMEOUT, HEALTH_POLL_INTERVAL, START_KILL_GRACE
+from llamaswap.process.process import (
+    EXIT_DRAIN_TIMEOUT,
+    HEALTH_POLL_INTERVAL,
+    HEALTH_POLL_MIN_INTERVAL,
+    START_KILL_GRACE,
+    health_poll_delay,
+)
 
 STOPPED = ProcessState.STOPPED
 STARTING = ProcessState.STARTING
@@ -190,12 +196,12 @@ class StartTests(MachineTestCase):
         self.assertEqual(len(self.http.calls), 1)
         self.assertEqual(self.http.calls[0][0], "http://127.0.0.1:9999/health")
         self.http.answer(503)
-        self.clock.advance(HEALTH_POLL_INTERVAL * 0.9)
+        self.clock.advance(HEALTH_POLL_MIN_INTERVAL * 0.9)
         self.assertEqual(len(self.http.calls), 1)
-        self.clock.advance(HEALTH_POLL_INTERVAL * 0.1)
+        self.clock.advance(HEALTH_POLL_MIN_INTERVAL * 0.1)
         self.assertEqual(len(self.http.calls), 2)
         self.http.refuse()  # connection refused: just "not yet"
-        self.clock.advance(HEALTH_POLL_INTERVAL)
+        self.clock.advance(HEALTH_POLL_MIN_INTERVAL)
         self.assertEqual(len(self.http.calls), 3)
         self.assertNoResult(d)
         self.http.answer(200)
@@ -721,3 +727,82 @@ class MiscTests(MachineTestCase):
     def test_model_replace_keeps_cmd(self) -> None:
         # sanity for the helper used above
         self.assertEqual(replace(model(), ttl=3).ttl, 3)
+
+
+class HealthPollScheduleTests(MachineTestCase):
+    """The health polling schedule on the Clock: the first poll at spawn, then
+    every 5 ms, backing off with the time the start has taken to the 50 ms
+    interval."""
+
+    def make_upstream(self, healthy_at: float, **kw: Any) -> Process:
+        """A process whose upstream answers every poll at once: 503 before
+        ``healthy_at`` (clock time), 200 from then on."""
+        self.times: list[float] = []
+
+        def http_get(url: str, timeout: float) -> Deferred[int]:
+            self.times.append(self.clock.seconds())
+            return succeed(200 if self.clock.seconds() >= healthy_at else 503)
+
+        kw.setdefault("health_check_timeout", 600)
+        return Process(self.clock, model(**kw), spawner=self.spawner, http_get=http_get, base_env=BASE_ENV)
+
+    def run_until(self, until: float) -> None:
+        """Advance the clock from one delayed call to the next, up to ``until``."""
+        while self.clock.seconds() < until:
+            times = [c.getTime() for c in self.clock.getDelayedCalls()]
+            step = min([t for t in times if t <= until] or [until]) - self.clock.seconds()
+            self.clock.advance(max(step, 0.0))
+
+    def ready_at(self, proc: Process) -> list[float]:
+        when: list[float] = []
+        proc.ensure_ready().addCallback(lambda _: when.append(self.clock.seconds()))
+        return when
+
+    def test_delay_grows_from_5_ms_to_the_interval(self) -> None:
+        self.assertEqual((HEALTH_POLL_MIN_INTERVAL, HEALTH_POLL_INTERVAL), (0.005, 0.05))
+        self.assertEqual(health_poll_delay(0.0), 0.005)
+        self.assertAlmostEqual(health_poll_delay(0.1), 0.005)
+        self.assertAlmostEqual(health_poll_delay(0.2), 0.01)
+        self.assertAlmostEqual(health_poll_delay(0.5), 0.025)
+        self.assertEqual(health_poll_delay(1.0), 0.05)
+        self.assertEqual(health_poll_delay(600.0), 0.05)
+        grid = [i / 100 for i in range(300)]
+        delays = [health_poll_delay(t) for t in grid]
+        self.assertEqual(delays, sorted(delays))
+
+    def test_first_poll_at_spawn_then_backoff(self) -> None:
+        proc = self.make_upstream(healthy_at=5.0)
+        when = self.ready_at(proc)
+        self.assertEqual(self.times, [0.0])
+        self.run_until(5.1)
+        self.assertEqual(when, [self.times[-1]])
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        self.assertAlmostEqual(gaps[0], HEALTH_POLL_MIN_INTERVAL)
+        for gap, later in zip(gaps, gaps[1:]):
+            self.assertLessEqual(gap, later + 1e-9)
+        self.assertGreaterEqual(len([t for t in self.times if t < 0.1]), 20)  # every 5 ms at first
+        for t, gap in zip(self.times, gaps):
+            if t >= 1.0:  # from one second on, the fixed 50 ms interval of before
+                self.assertAlmostEqual(gap, HEALTH_POLL_INTERVAL)
+        self.assertIs(proc.state, READY)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_healthy_server_is_seen_within_one_delay(self) -> None:
+        for healthy_at in (0.003, 0.03, 0.09, 0.3, 1.0, 2.5, 20.0):
+            proc = self.make_upstream(healthy_at)
+            when = self.ready_at(proc)
+            self.run_until(healthy_at + 1.0)
+            late = when[0] - healthy_at
+            self.assertGreaterEqual(late, 0.0)
+            self.assertLessEqual(late, health_poll_delay(healthy_at) + 1e-9, healthy_at)
+            self.clock = Clock()
+
+    def test_output_does_not_change_the_schedule(self) -> None:
+        proc = self.make_upstream(healthy_at=100.0)
+        proc.ensure_ready()
+        self.run_until(2.0)
+        [call] = [c for c in self.clock.getDelayedCalls() if c.getTime() < 10]
+        due = call.getTime()
+        for _ in range(50):  # a server that logs every health request, say
+            self.spawner.last.output(b"GET /health 503\n")
+        self.assertEqual(call.getTime(), due)

@@ -24,7 +24,8 @@ def redact(headers: dict) -> dict:
 
 class InflightEntry:
     def __init__(self, entry_id: str, started: float, model: str, path: str, method: str,
-                 headers: dict, remote_ip: str, cancel: Callable[[], None], metadata: Optional[dict] = None):
+                 headers: dict, remote_ip: str, cancel: Callable[[], None], metadata: Optional[dict] = None,
+                 key_name: str = ""):
         self.id = entry_id
         self.started = started
         self.model = model
@@ -32,6 +33,7 @@ class InflightEntry:
         self.method = method
         self.headers = redact(headers)
         self.remote_ip = remote_ip
+        self.key_name = key_name  # the API key's name, never the key
         self.cancel = cancel
         self.metadata = metadata or {}
         self.resp_headers: dict = {}
@@ -49,6 +51,8 @@ class InflightEntry:
         }
         if self.metadata:
             out["metadata"] = self.metadata
+        if self.key_name:
+            out["key_name"] = self.key_name
         return out
 
 
@@ -62,9 +66,9 @@ class InflightTracker:
         self._wall_started: dict[str, float] = {}
 
     def add(self, model: str, path: str, method: str, headers: dict, remote_ip: str,
-            cancel: Callable[[], None], metadata: Optional[dict] = None) -> InflightEntry:
+            cancel: Callable[[], None], metadata: Optional[dict] = None, key_name: str = "") -> InflightEntry:
         entry = InflightEntry(str(next(self._ids)), self.clock.seconds(), model, path, method, headers,
-                              remote_ip, cancel, metadata)
+                              remote_ip, cancel, metadata, key_name)
         self.entries[entry.id] = entry
         self._wall_started[entry.id] = self.wall()
         self._upsert(entry)
@@ -93,8 +97,9 @@ class InflightTracker:
             self._wall_started.pop(entry.id, None)
             self.events.publish("inflight", {"operation": "remove", "id": entry.id})
 
-    def snapshot(self) -> dict:
-        requests = [self._json(e) for e in self.entries.values()]
+    def snapshot(self, key_name: Optional[str] = None) -> dict:
+        """Every request in flight, or only those of the API key ``key_name``."""
+        requests = [self._json(e) for e in self.entries.values() if key_name is None or e.key_name == key_name]
         return {"operation": "snapshot", "requests": requests} if requests else {"operation": "snapshot"}
 
     def cancel(self, entry_id: str) -> bool:

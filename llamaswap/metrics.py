@@ -87,15 +87,18 @@ def _resource_gauges(runtime):
 class InferenceMetrics:
     def __init__(self, registry: CollectorRegistry, runtime: Callable[[], object], events: EventBus, clock):
         self.clock = clock
+        # "key": the API key's name ("-" without one): only configured names, so bounded
         self.requests = Counter("llamaswap_requests", "Proxied model requests",
-                                ["model", "path", "status"], registry=registry)
+                                ["model", "path", "status", "key"], registry=registry)
         self.duration = Histogram("llamaswap_request_duration_seconds",
                                   "Time from request arrival to the end of the response (queue and load included)",
                                   ["model"], buckets=LATENCY_BUCKETS, registry=registry)
         self.ttfb = Histogram("llamaswap_time_to_first_byte_seconds",
                               "Time from request arrival to the upstream's response headers",
                               ["model"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.tokens = Counter("llamaswap_tokens", "Tokens processed", ["model", "kind"], registry=registry)
+        self.tokens = Counter("llamaswap_tokens", "Tokens processed", ["model", "kind", "key"], registry=registry)
+        self.refused = Counter("llamaswap_key_refused", "Requests refused by an API key's scope or limits",
+                               ["key", "reason"], registry=registry)
         self.loads = Counter("llamaswap_model_loads", "Model starts", ["model"], registry=registry)
         self.load_duration = Histogram("llamaswap_model_load_duration_seconds",
                                        "Time from process start to healthy", ["model"],
@@ -121,8 +124,8 @@ class InferenceMetrics:
             elif state in ("stopped", "stopping", "shutdown"):
                 self._starting.pop(model, None)
 
-    def request_done(self, model: str, path: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, path, str(status)).inc()
+    def request_done(self, model: str, path: str, status: int, seconds: float, key: str = "-") -> None:
+        self.requests.labels(model, path, str(status), key).inc()
         self.duration.labels(model).observe(seconds)
 
     def first_byte(self, model: str, seconds: float) -> None:
@@ -131,8 +134,12 @@ class InferenceMetrics:
     def waited(self, model: str, seconds: float) -> None:
         self.queue_wait.labels(model).observe(seconds)
 
-    def count_tokens(self, model: str, tokens) -> None:
+    def count_tokens(self, model: str, tokens, key: str = "-") -> None:
         for kind, value in (("input", tokens.input_tokens), ("output", tokens.output_tokens),
                             ("cached", tokens.cache_tokens)):
             if value > 0:
-                self.tokens.labels(model, kind).inc(value)
+                self.tokens.labels(model, kind, key).inc(value)
+
+    def key_refused(self, key: str, reason: str) -> None:
+        """``reason``: model (out of scope), concurrency_limit or rate_limit_exceeded."""
+        self.refused.labels(key, reason).inc()

@@ -3,7 +3,8 @@
 A reload builds a new ``Runtime`` and shuts the old one down (llama-swap
 semantics: every model of the old config is stopped), unless it changes
 nothing but resource budgets (:func:`budgets_only`): then the running
-``Runtime`` takes the new config with :meth:`Runtime.apply_budgets`.
+``Runtime`` takes the new config with :meth:`Runtime.apply_budgets`; or
+nothing but API keys (:func:`access_only`, :meth:`Runtime.apply_access`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from .config import Config
 from .config.types import EMPTY, Resources
 from .events import EventBus
+from .httpclient import upstream_agent
 from .logmon import LogMonitor
 from .perf.footprint import Footprints, FootprintSampler
 from .process import Process, ProcessState
@@ -60,7 +62,7 @@ class Runtime:
             if pool is None:
                 pool = self.pools[key] = make_pool(reactor, idle=t.idle_conn, keepalive=t.keepalive,
                                                    tls_handshake=t.tls_handshake)
-            self.agents[model_id] = Agent(reactor, connectTimeout=t.connect or None, pool=pool)
+            self.agents[model_id] = upstream_agent(reactor, pool, t.connect or None)
         self.closed = False
 
     def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
@@ -100,6 +102,12 @@ class Runtime:
         self.footprints.reconfigure(config)
         return self.router.apply_budgets(config)
 
+    def apply_access(self, config: Config) -> None:
+        """Take ``config``, which differs from the running one only in who may
+        ask (see ``access_only``): models, queues and requests in flight are
+        untouched; the next request is decided with the new keys."""
+        self.config = config
+
     def shutdown(self, grace: float = 30.0) -> defer.Deferred:
         self.closed = True
         self.footprints.close()
@@ -121,6 +129,19 @@ def budgets_only(old: Config, new: Config) -> bool:
         models = {mid: dataclasses.replace(m, resources=EMPTY, min_resident=0.0)
                   for mid, m in config.models.items()}
         return dataclasses.replace(config, models=models, resources=Resources(), swap_policy="",
-                                   warnings=(), sources=())
+                                   warnings=(), sources=(), **ACCESS_DEFAULTS)
+
+    return old != new and strip(old) == strip(new)
+
+
+#: the settings of who may ask: a reload that changes only these keeps everything running
+ACCESS_DEFAULTS = {"api_keys": (), "api_keys_file": None, "metrics_public": False}
+
+
+def access_only(old: Config, new: Config) -> bool:
+    """True when ``new`` differs from ``old`` in nothing but API keys
+    (``apiKeys``, ``apiKeysFile`` and its entries) and ``metricsPublic``."""
+    def strip(config: Config) -> Config:
+        return dataclasses.replace(config, warnings=(), sources=(), **ACCESS_DEFAULTS)
 
     return old != new and strip(old) == strip(new)

@@ -30,7 +30,7 @@ from . import logs
 from .inflight import InflightTracker
 from .process import ChildRegistry
 from .perf.footprint import NvmlFootprintSampler
-from .runtime import Runtime, budgets_only
+from .runtime import Runtime, access_only, budgets_only
 from .sdnotify import ListeningEndpoint, Notifier, ReadyNotifier
 from .server import LlamaSwapApp
 from .server.access import AccessLogSite
@@ -148,6 +148,12 @@ class LlamaSwapService(MultiService):
                 return False
             change = diff(self.config, new)
             self.hub.configure(new.log_level, new.log_time_format)
+            if access_only(self.config, new):  # new keys for the next request; nothing stops
+                self.runtime.apply_access(new)
+                self.events.publish("configReloaded", {"added": [], "removed": [], "changed": [], "access": True})
+                self.log.info("config reloaded: API keys only ({n} key(s)), models kept running",
+                              n=len(new.api_keys))
+                return True
             if budgets_only(self.config, new):  # models keep running; only those that no longer fit stop
                 trimmed = self.runtime.apply_budgets(new)
                 self.events.publish("configReloaded", {"added": [], "removed": [], "changed": sorted(change.changed),
@@ -194,6 +200,9 @@ class ConfigWatcher(TimerService):
         prints = []
         if self.root.config_path:
             prints.append(_stat(self.root.config_path))
+        keys_file = self.root.config.api_keys_file  # re-read with the config when it changes
+        if keys_file:
+            prints.append(("apiKeysFile", keys_file, _stat(keys_file)))
         if self.root.config_dir:
             try:
                 names = sorted(n for n in os.listdir(self.root.config_dir) if n.endswith((".yml", ".yaml")))

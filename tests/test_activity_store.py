@@ -44,6 +44,7 @@ def entry(i: int, **kw: Any) -> ActivityEntry:
             tokens_per_second=float((i * 29) % 31) / 2,
         ),
         duration_ms=(i * 53) % 97,
+        key_name=["", "team-b", "team-a"][(i * 2) % 3],
     )
     base.update(kw)
     return ActivityEntry(**base)
@@ -259,6 +260,7 @@ class SortTests(StoreTestMixin, TestCase):
         "prompt_speed": lambda e: e.tokens.prompt_per_second,
         "gen_speed": lambda e: e.tokens.tokens_per_second,
         "duration": lambda e: e.duration_ms,
+        "key": lambda e: e.key_name,
     }
 
     def test_every_sort_column_covered(self) -> None:

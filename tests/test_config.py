@@ -153,7 +153,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(c.session_id_headers, ("X-A", "X-B"))
         self.assertEqual((c.performance.disabled, c.performance.every), (True, 60.0))
         self.assertTrue(c.include_aliases_in_list)
-        self.assertEqual(c.api_keys, ("k1", "k2"))
+        self.assertEqual([k.key for k in c.api_keys], ["k1", "k2"])
         self.assertEqual(c.ignore_paths, ("^/ws$",))
         self.assertEqual(c.max_request_body_bytes, 1024)
         self.assertEqual(c.preload, ("m", "m"))
@@ -215,7 +215,7 @@ class MacroTests(ErrorsMixin, SynchronousTestCase):
             models:
               m: {cmd: "srv ${home} --port ${PORT}", env: ["Q=${env.QUOTE}"]}
         """, environ={"KEY": "abc", "HOME": "/h", "QUOTE": 'say "hi"'})
-        self.assertEqual(c.api_keys, ("abc",))
+        self.assertEqual([k.key for k in c.api_keys], ["abc"])
         self.assertEqual(c.models["m"].cmd, "srv /h/models --port 5800")
         self.assertEqual(c.models["m"].env, ('Q=say "hi"',))
 
@@ -572,7 +572,7 @@ class ExampleConfigTests(SynchronousTestCase):
         c = load_config_text(self.mend(self.example("config.example.yaml")), environ=EXAMPLE_ENV)
         self.assertEqual(c.health_check_timeout, 500)
         self.assertEqual(c.start_port, 10001)
-        self.assertEqual(c.api_keys, ("sk-hunter2", c.api_keys[1], "k1", "k2"))
+        self.assertEqual([k.key for k in c.api_keys], ["sk-hunter2", c.api_keys[1].key, "k1", "k2"])
         self.assertIn("gpt-oss-120b", c.models)
         g = c.models["gpt-oss-120b"]
         self.assertEqual(g.cmd.split()[0], "/path/to/llama-server/llama-server-ec9e0301")
@@ -617,7 +617,7 @@ class MergeTests(ErrorsMixin, SynchronousTestCase):
         self.write(os.path.join(d, "20-null.yml"), "logLevel: ~\n")
         self.write(os.path.join(d, "ignored.txt"), "not: yaml: at all")
         c = load_config(main, d, environ={})
-        self.assertEqual(c.api_keys, ("a", "b"))
+        self.assertEqual([k.key for k in c.api_keys], ["a", "b"])
         self.assertEqual(sorted(c.models), ["m1", "m2"])
         self.assertEqual(c.models["m1"].port, 5800)
         self.assertEqual(c.models["m2"].port, 5801)

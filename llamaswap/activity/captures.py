@@ -180,10 +180,12 @@ class Capture:
     req_body: Optional[bytes]
     resp_headers: Optional[dict[str, str]]
     resp_body: Optional[bytes]
+    key_name: str = ""  # the API key's name (never the key); "" without apiKeys
 
     def to_json(self) -> dict[str, Any]:
-        """The ``/api/captures/{id}`` object: bodies base64 (Go ``[]byte``), ``None`` -> null."""
-        return {
+        """The ``/api/captures/{id}`` object: bodies base64 (Go ``[]byte``), ``None`` -> null;
+        ``key_name`` only when the request had an API key."""
+        doc = {
             "id": self.id,
             "req_path": self.req_path,
             "req_headers": self.req_headers,
@@ -191,6 +193,9 @@ class Capture:
             "resp_headers": self.resp_headers,
             "resp_body": None if self.resp_body is None else base64.b64encode(self.resp_body).decode("ascii"),
         }
+        if self.key_name:
+            doc["key_name"] = self.key_name
+        return doc
 
     def encode(self) -> bytes:
         """CBOR serialisation used by :class:`CaptureStore`."""
@@ -199,10 +204,13 @@ class Capture:
     def encoded_parts(self) -> list:
         """:meth:`encode` as pieces that join to it: the bodies are referenced,
         not copied, so a big capture is compressed without first being copied."""
-        parts: list = [b"\x86", cbor2.dumps(self.id), cbor2.dumps(self.req_path), cbor2.dumps(self.req_headers)]
+        head = b"\x87" if self.key_name else b"\x86"  # a 7th item only when there is a key name
+        parts: list = [head, cbor2.dumps(self.id), cbor2.dumps(self.req_path), cbor2.dumps(self.req_headers)]
         _body_parts(parts, self.req_body)
         parts.append(cbor2.dumps(self.resp_headers))
         _body_parts(parts, self.resp_body)
+        if self.key_name:
+            parts.append(cbor2.dumps(self.key_name))
         return parts
 
     @property
@@ -213,8 +221,8 @@ class Capture:
     @classmethod
     def decode(cls, data: bytes) -> "Capture":
         """Inverse of :meth:`encode`."""
-        cid, path, reqh, reqb, resph, respb = cbor2.loads(data)
-        return cls(cid, path, reqh, reqb, resph, respb)
+        cid, path, reqh, reqb, resph, respb, *rest = cbor2.loads(data)
+        return cls(cid, path, reqh, reqb, resph, respb, rest[0] if rest else "")
 
 
 def _body_parts(parts: list, body: Optional[bytes]) -> None:
@@ -235,7 +243,7 @@ def _body_parts(parts: list, body: Optional[bytes]) -> None:
 
 def build_capture(id: int, req_path: str, req_headers: Optional[Mapping[Any, HeaderValue]],
                   req_body: Optional[bytes], resp_headers: Optional[Mapping[Any, HeaderValue]],
-                  resp_body: Optional[bytes]) -> Capture:
+                  resp_body: Optional[bytes], key_name: str = "") -> Capture:
     """Build the capture llama-swap would store for one request.
 
     Applies the path's mask, makes headers single-valued (first value) with
@@ -250,6 +258,7 @@ def build_capture(id: int, req_path: str, req_headers: Optional[Mapping[Any, Hea
         req_body=(None if req_body is None else bytes(req_body)) if mask & CAPTURE_REQ_BODY else None,
         resp_headers=_single_valued(resp_headers, "Content-Encoding") if mask & CAPTURE_RESP_HEADERS else None,
         resp_body=(None if resp_body is None else bytes(resp_body)) if mask & CAPTURE_RESP_BODY else None,
+        key_name=key_name,
     )
 
 

@@ -42,6 +42,7 @@ SORT_COLUMNS: Mapping[str, str] = {
     "prompt_speed": "prompt_per_second",
     "gen_speed": "tokens_per_second",
     "duration": "duration_ms",
+    "key": "key_name",
 }
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,19}\Z")
@@ -69,10 +70,11 @@ class ActivityQuery:
     page: int = 1
     sort: str = "id"
     order: str = "desc"
+    key_names: tuple[str, ...] = ()  # API key names ("-": requests without a key)
 
     def where(self) -> tuple[str, list[Any]]:
         """``(" WHERE ...", params)`` for this query's filters ("" when none)."""
-        return where_clause(self.models, self.start, self.end, self.min_id, self.max_id)
+        return where_clause(self.models, self.start, self.end, self.min_id, self.max_id, self.key_names)
 
     def order_by(self) -> str:
         """``" ORDER BY <col> <dir>, id <dir>"`` from the fixed column map."""
@@ -95,14 +97,24 @@ def where_clause(
     end: float | None = None,
     min_id: int = 0,
     max_id: int = 0,
+    key_names: Sequence[str] = (),
+    empty_key: bool = False,
 ) -> tuple[str, list[Any]]:
-    """Parameterised WHERE clause: ANDed conditions, every value bound as ``?``."""
+    """Parameterised WHERE clause: ANDed conditions, every value bound as ``?``.
+
+    ``key_names``: rows of these API key names, where "-" stands for rows
+    without one (stored as ""); ``empty_key``: "" in ``key_names`` is such a
+    name too, not a blank to skip."""
     conditions: list[str] = []
     params: list[Any] = []
     names = [m.strip() for m in models if m.strip()]
     if names:
         conditions.append("model_id IN (" + ", ".join(["?"] * len(names)) + ")")
         params.extend(names)
+    keys = ["" if k.strip() == "-" else k.strip() for k in key_names if k.strip() or empty_key]
+    if keys:
+        conditions.append("key_name IN (" + ", ".join(["?"] * len(keys)) + ")")
+        params.extend(keys)
     for value, condition in ((start, "ts_created >= ?"), (end, "ts_created <= ?")):
         if value is not None:
             conditions.append(condition)
@@ -138,6 +150,7 @@ def parse_activity_query(args: Mapping[Any, Sequence[Any]]) -> ActivityQuery:
         page=_page(params),
         sort=_sort(params),
         order=_order(params),
+        key_names=tuple(k.strip() for k in params.get("key", []) if k.strip()),
     )
 
 

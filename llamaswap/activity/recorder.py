@@ -68,7 +68,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> "Steps[Optional[bytes
 class ActivityRecorder:
     def __init__(self, clock, wall, model: str, req_path: str, req_headers: Mapping[str, str],
                  req_body: bytes, capture_limit: int = 0, metadata: Optional[dict] = None,
-                 remote_ip: str = ""):
+                 remote_ip: str = "", key_name: str = ""):
         self.clock = clock
         self.wall = wall
         self.started = clock.seconds()
@@ -78,6 +78,7 @@ class ActivityRecorder:
         self.req_body = req_body
         self.metadata = metadata
         self.remote_ip = remote_ip
+        self.key_name = key_name  # the API key's name, never the key
         self.mask = capture_mask(req_path)
         self.capture_limit = capture_limit
         self.status: Optional[int] = None
@@ -140,6 +141,7 @@ class ActivityRecorder:
             resp_content_type=self.content_type, resp_status_code=self.status or 0,
             duration_ms=duration_ms(wall_ms, tokens) if tokens is not None else wall_ms,
             error_msg=error, metadata=self.metadata or None, remote_ip=self.remote_ip,
+            key_name=self.key_name,
         )
         if tokens is not None:
             entry.tokens = tokens
@@ -172,4 +174,4 @@ class ActivityRecorder:
         if req_body is not None and len(req_body) > self.capture_limit:
             req_body = None
         return build_capture(entry_id, self.req_path, self.req_headers, req_body,
-                             self.resp_headers, body)
+                             self.resp_headers, body, key_name=self.key_name)

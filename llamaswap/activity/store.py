@@ -55,7 +55,8 @@ _SCHEMA = (
         duration_ms INTEGER NOT NULL DEFAULT 0,
         error_msg TEXT NOT NULL DEFAULT '',
         metadata_json TEXT NOT NULL DEFAULT '',
-        remote_ip TEXT NOT NULL DEFAULT ''
+        remote_ip TEXT NOT NULL DEFAULT '',
+        key_name TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS idx_activity_created_id ON activity (ts_created DESC, id DESC)",
     "CREATE INDEX IF NOT EXISTS idx_activity_model_created_id"
@@ -64,11 +65,14 @@ _SCHEMA = (
 _COLUMNS = (
     "ts_created, model_id, req_path, resp_content_type, resp_status_code,"
     " cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens,"
-    " prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json, remote_ip"
+    " prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json, remote_ip, key_name"
 )
-_INSERT = f"INSERT INTO activity ({_COLUMNS}) VALUES ({', '.join(['?'] * 16)})"
+_INSERT = f"INSERT INTO activity ({_COLUMNS}) VALUES ({', '.join(['?'] * 17)})"
 # llamaswap addition: the client's address (stores written before it get the column)
 _ADD_REMOTE_IP = "ALTER TABLE activity ADD COLUMN remote_ip TEXT NOT NULL DEFAULT ''"
+# llamaswap addition: the API key's name (never the key); "" without apiKeys
+_ADD_KEY_NAME = "ALTER TABLE activity ADD COLUMN key_name TEXT NOT NULL DEFAULT ''"
+_KEY_INDEX = "CREATE INDEX IF NOT EXISTS idx_activity_key_created_id ON activity (key_name, ts_created DESC, id DESC)"
 _SELECT = f"SELECT id, {_COLUMNS} FROM activity"
 _PRUNE = "DELETE FROM activity WHERE id <= (SELECT MAX(id) FROM activity) - ?"
 _TOTALS = (
@@ -98,6 +102,7 @@ class ActivityEntry:
     error_msg: str | None = None
     metadata: dict[str, str] | None = None
     remote_ip: str = ""
+    key_name: str = ""
 
     def to_json(self, has_capture: bool = False) -> dict[str, Any]:
         """llama-swap's ActivityLogEntry JSON (``error_msg``/``metadata`` only when set)."""
@@ -118,6 +123,8 @@ class ActivityEntry:
             doc["metadata"] = dict(self.metadata)
         if self.remote_ip:
             doc["remote_ip"] = self.remote_ip
+        if self.key_name:
+            doc["key_name"] = self.key_name
         return doc
 
     def to_row(self) -> tuple[Any, ...]:
@@ -129,14 +136,14 @@ class ActivityEntry:
             self.resp_content_type, self.resp_status_code, t.cache_tokens, t.draft_tokens,
             t.draft_acc_tokens, t.input_tokens, t.output_tokens, float(t.prompt_per_second),
             float(t.tokens_per_second), int(self.duration_ms), self.error_msg or "", metadata,
-            self.remote_ip or "",
+            self.remote_ip or "", self.key_name or "",
         )  # fmt: skip
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> ActivityEntry:
         """Rebuild an entry from a ``_SELECT`` row."""
         (ident, ts, model, path, ctype, status, cached, draft, draft_acc,
-         inp, out, pps, tps, duration, error, metadata, remote_ip) = row  # fmt: skip
+         inp, out, pps, tps, duration, error, metadata, remote_ip, key_name) = row  # fmt: skip
         return cls(
             id=ident,
             timestamp=float(ts),
@@ -157,6 +164,7 @@ class ActivityEntry:
             error_msg=error or None,
             metadata=json.loads(metadata) if metadata else None,
             remote_ip=remote_ip or "",
+            key_name=key_name or "",
         )
 
 
@@ -203,6 +211,9 @@ def _open(path: str | None) -> sqlite3.Connection:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(activity)")}
         if "remote_ip" not in columns:
             conn.execute(_ADD_REMOTE_IP)
+        if "key_name" not in columns:
+            conn.execute(_ADD_KEY_NAME)
+        conn.execute(_KEY_INDEX)
     except BaseException:
         conn.close()
         raise
@@ -242,8 +253,20 @@ def _list(conn: sqlite3.Connection, q: ActivityQuery) -> tuple[list[ActivityEntr
     return [ActivityEntry.from_row(row) for row in rows], total
 
 
-def _stats(conn: sqlite3.Connection, model: str | None) -> dict[str, Any]:
-    where, params = where_clause([model] if model else [])
+def _stats(conn: sqlite3.Connection, model: str | None, key_names: Sequence[str] = (),
+           by_key: bool = False) -> dict[str, Any]:
+    where, params = where_clause([model] if model else [], key_names=key_names)
+    doc = _stats_where(conn, where, params)
+    if by_key:  # the same figures per API key name ("-": requests without a key)
+        names = [name for (name,) in conn.execute("SELECT DISTINCT key_name FROM activity" + where, params)]
+        doc["by_key"] = {}
+        for name in sorted(names):
+            sub, sub_params = where_clause([model] if model else [], key_names=[name], empty_key=True)
+            doc["by_key"][name or "-"] = _stats_where(conn, sub, sub_params)
+    return doc
+
+
+def _stats_where(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict[str, Any]:
     count, inp, out, cached = conn.execute(_TOTALS + where, params).fetchone()
     speeds = (" AND " if where else " WHERE ") + "(prompt_per_second > 0 OR tokens_per_second > 0)"
     prompt: list[float] = []
@@ -373,10 +396,13 @@ class ActivityStore:
 
         return self._call(lambda: _list(self._connection(), q)).addCallback(render)
 
-    def stats(self, model: str | None = None) -> Deferred[dict[str, Any]]:
-        """Totals and speed histograms, optionally for one model."""
+    def stats(self, model: str | None = None, key_names: Sequence[str] = (),
+              by_key: bool = False) -> Deferred[dict[str, Any]]:
+        """Totals and speed histograms, optionally for one model and some API
+        key names; ``by_key`` adds the same per key name (``by_key``)."""
         name = model.strip() if model else None
-        return self._call(lambda: _stats(self._connection(), name))
+        keys = tuple(key_names)
+        return self._call(lambda: _stats(self._connection(), name, keys, by_key))
 
     def close(self) -> Deferred[None]:
         """Close the connection, then stop the worker thread; idempotent, never fails."""

@@ -85,6 +85,12 @@ MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024  # as the README's nginx block (client
 # clients: X-Forwarded-For / X-Real-IP are believed only from these peers
 TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
 
+# API keys (llamaswap additions: objects with scopes and limits, see README "API keys")
+API_KEY_MODELS = ("*",)  # an object key without ``models`` may use every model
+API_KEY_NAME = r"^[A-Za-z0-9_.@+-]{1,64}$"  # names are log fields and metric labels
+METRICS_PUBLIC = False  # /metrics needs an admin key when keys are configured
+RATE_WINDOW = 60.0  # seconds: the sliding window of requestsPerMinute and tokensPerMinute
+
 # command line
 LISTEN = "127.0.0.1:8080"
 WATCH_INTERVAL = 2.0

@@ -88,6 +88,32 @@ def format_amount(value: float, sized: bool) -> str:
     return f"{value:g} B"
 
 
+def glob_problem(pattern: Any) -> Optional[str]:
+    """Why ``pattern`` is not a usable model glob (``*``, ``?``, ``[abc]``,
+    ``[!abc]``, as ``fnmatch``), else None."""
+    if isinstance(pattern, bool) or not isinstance(pattern, (str, int, float)):
+        return f"must be a glob string, not {type_name(pattern)}"
+    text = str(pattern)
+    if not text.strip():
+        return "an empty glob matches nothing"
+    if any(c.isspace() for c in text):
+        return f"glob {text!r} contains whitespace"
+    i = 0
+    while i < len(text):
+        if text[i] == "[":
+            end = i + 1
+            if end < len(text) and text[end] == "!":
+                end += 1
+            if end < len(text) and text[end] == "]":  # a leading ] is a member of the set
+                end += 1
+            end = text.find("]", end)
+            if end < 0:
+                return f"glob {text!r} has a '[' without its ']'"
+            i = end
+        i += 1
+    return None
+
+
 class Fields:
     """One mapping of the config, read key by key with type checks.
 

@@ -8,6 +8,7 @@ lists them all, each with its key path and YAML line.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -16,18 +17,18 @@ from urllib.parse import urlsplit
 
 from . import defaults as D
 from .dsl import expand_sets
-from .errors import ConfigError, Problems
-from .fields import Fields, format_amount, parse_amount, parse_duration
+from .errors import ConfigError, Problems, type_name
+from .fields import Fields, format_amount, glob_problem, parse_amount, parse_duration
 from .macros import (
     env_references, expand, expand_key, leftover_macros, merge_model_macros,
     strip_comment_lines, substitute_env, validate_macro,
 )
 from .merge import merge
 from .types import (
-    Capabilities, Config, Filters, Group, Matrix, MatrixSet, ModelConfig, Peer,
+    ApiKey, Capabilities, Config, KeyLimits, Filters, Group, Matrix, MatrixSet, ModelConfig, Peer,
     Performance, Profile, Resources, Routing, Selector, Timeouts, freeze,
 )
-from .yamltree import Lines, YAMLSyntaxError, parse
+from .yamltree import Lines, YAMLSyntaxError, format_path, parse
 
 TOP_LEVEL_KEYS = (
     "healthCheckTimeout", "logLevel", "logTimeFormat", "logToStdout", "logRequests",
@@ -35,7 +36,12 @@ TOP_LEVEL_KEYS = (
     "unloadTimeout", "startPort", "sendLoadingState", "includeAliasesInList", "macros",
     "apiKeys", "models", "profiles", "selectors", "hooks", "routing", "groups", "matrix",
     "peers", "upstream", "maxRequestBodyBytes", "trustedProxies", "resources", "swapPolicy",
+    "apiKeysFile", "metricsPublic",
 )
+API_KEY_FIELDS = ("key", "name", "admin", "models", "limits")
+KEY_LIMIT_FIELDS = (("concurrent", "concurrent"), ("requestsPerMinute", "requests_per_minute"),
+                    ("tokensPerMinute", "tokens_per_minute"))
+KEY_NAME = re.compile(D.API_KEY_NAME)
 RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 VAR_KEY = re.compile(r"^[a-zA-Z0-9.-]{1,32}$")
 
@@ -94,7 +100,8 @@ def load_texts(sources: list[tuple[str, str]], environ: Optional[Mapping[str, st
         else:
             data = merge(data, lines, tree, tree_lines, problems.error)
     problems.raise_if_any()
-    config = _Builder(problems, data or {}).build(tuple(s for s, _ in sources))
+    base_dir = os.path.dirname(os.path.abspath(main)) if os.path.isfile(main) else os.getcwd()
+    config = _Builder(problems, data or {}, environ, base_dir).build(tuple(s for s, _ in sources))
     problems.raise_if_any()
     return config
 
@@ -118,9 +125,12 @@ def _parse_with_env(source: str, text: str, environ: Mapping[str, str], problems
 class _Builder:
     """Expands macros and decodes one merged tree; reports into ``problems``."""
 
-    def __init__(self, problems: Problems, data: dict):
+    def __init__(self, problems: Problems, data: dict, environ: Optional[Mapping[str, str]] = None,
+                 base_dir: Optional[str] = None):
         self.p = problems
         self.data = data
+        self.environ = environ if environ is not None else os.environ
+        self.base_dir = base_dir or os.getcwd()  # relative paths (apiKeysFile) start here
         self._model_sized: dict[str, dict[str, bool]] = {}  # model -> resource -> written with a size suffix
 
     # -- macros ---------------------------------------------------------------
@@ -251,12 +261,6 @@ class _Builder:
         if unload_timeout <= 0:
             unload_timeout = D.UNLOAD_TIMEOUT
         send_loading = top.bool("sendLoadingState", D.SEND_LOADING_STATE)
-        api_keys = top.str_list("apiKeys")
-        for i, key in enumerate(api_keys):
-            if key == "":
-                self.p.error(("apiKeys", i), "empty api key found in apiKeys")
-            elif " " in key:
-                self.p.error(("apiKeys", i), "api key cannot contain spaces")
         capture_buffer = top.int("captureBuffer", D.CAPTURE_BUFFER_MB, minimum=0)
 
         models = self._models(top.sub("models"), hct, global_ttl, unload_timeout, send_loading, model_macros)
@@ -271,6 +275,7 @@ class _Builder:
         profiles = self._profiles(top.sub("profiles"), models, aliases, peers, selectors)
         self._check_peer_namespace(peers, models, aliases, selectors, profiles)
         preload = self._preload(top.sub("hooks"), models, aliases)
+        api_keys, keys_file = self._api_keys(top, global_macros, models, aliases, peers, selectors, profiles)
 
         config = Config(
             models=freeze(models),
@@ -291,6 +296,8 @@ class _Builder:
             include_aliases_in_list=top.bool("includeAliasesInList", D.INCLUDE_ALIASES_IN_LIST),
             macros=tuple(global_macros),
             api_keys=tuple(api_keys),
+            api_keys_file=keys_file,
+            metrics_public=top.bool("metricsPublic", D.METRICS_PUBLIC),
             profiles=freeze(profiles),
             selectors=freeze(selectors),
             preload=tuple(preload),
@@ -812,6 +819,173 @@ class _Builder:
                     self.p.error(path, f"peer model name {fqn!r} is produced by peers {seen[fqn]} and {peer_id}")
                 seen[fqn] = peer_id
 
+    # -- API keys ----------------------------------------------------------------------
+
+    def _api_keys(self, top: Fields, macros: list, models, aliases, peers, selectors, profiles):
+        """``apiKeys`` then the entries of ``apiKeysFile``, validated together:
+        ``([ApiKey], absolute key file path or None)``.  No message ever
+        contains key material: duplicates are named by their place."""
+        entries: list[tuple[tuple, Any]] = []
+        raw = top.raw("apiKeys", [])
+        if not isinstance(raw, list):
+            top.error("apiKeys", f"must be a list of keys, not {type_name(raw)}")
+            raw = []
+        entries.extend((("apiKeys", i), item) for i, item in enumerate(raw))
+        keys_file = None
+        path = top.str("apiKeysFile", strip=True)
+        if top.has("apiKeysFile"):
+            if not path:
+                top.error("apiKeysFile", "must not be empty")
+            else:
+                keys_file = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(path)))
+                entries.extend(self._key_file(keys_file, macros))
+        names = set(models) | set(aliases) | set(selectors)
+        names.update(name for p in peers.values() for m in p.models for name in (f"{p.id}/{m}", m))
+        names.update(pin for p in profiles.values() for pin in p.pins)
+        keys: list[ApiKey] = []
+        seen_keys: dict[str, tuple] = {}
+        seen_names: dict[str, tuple] = {}
+        for path_, item in entries:
+            entry = self._api_key(path_, item, names)
+            if entry is None:
+                continue
+            if entry.key in seen_keys:
+                self.p.error(path_, f"duplicate API key (the same key as {format_path(seen_keys[entry.key])})")
+                continue
+            if entry.name in seen_names:
+                self.p.error(path_, f"duplicate key name {entry.name!r} (also {format_path(seen_names[entry.name])})")
+                continue
+            seen_keys[entry.key] = path_
+            seen_names[entry.name] = path_
+            keys.append(entry)
+        for entry in keys:
+            if entry.name in seen_keys:  # names go to logs and metrics: never a secret
+                self.p.error(seen_names[entry.name], "name must not be an API key (names appear in logs and metrics)")
+        return keys, keys_file
+
+    def _api_key(self, path: tuple, item: Any, names: set) -> Optional[ApiKey]:
+        if isinstance(item, (str, int, float)) and not isinstance(item, bool):
+            key = str(item)
+            if self._key_problem(path, key):
+                return None
+            return ApiKey(key=key, name=format_path(path), admin=True, plain=True)
+        if not isinstance(item, dict):
+            self.p.error(path, f"must be a key (a string) or a mapping with key, name, admin, models, limits;"
+                               f" not {type_name(item)}")
+            return None
+        f = Fields(self.p, item, path)
+        for unknown in sorted(set(item) - set(API_KEY_FIELDS)):
+            f.error(unknown, f"unknown field {unknown!r} (known: {', '.join(API_KEY_FIELDS)})")
+        ok = True
+        key = f.raw("key")
+        if key is None:
+            self.p.error(path, "key is required")
+            ok = False
+        elif isinstance(key, bool) or not isinstance(key, (str, int, float)):
+            f.error("key", f"must be a string, not {type_name(key)}")
+            ok = False
+        elif self._key_problem(f.at("key"), str(key)):
+            ok = False
+        name = f.str("name", strip=True)
+        if not name:
+            self.p.error(path, "name is required (it stands for the key in activity rows, logs and metrics)")
+            ok = False
+        elif not KEY_NAME.match(name) or name == "-":
+            f.error("name", f"name {name!r} must be 1-64 letters, digits, '_', '.', '@', '+' or '-' (not '-' alone)")
+            ok = False
+        admin = f.bool("admin", False)
+        globs = D.API_KEY_MODELS
+        if f.has("models"):
+            value = f.raw("models")
+            if not isinstance(value, list):
+                f.error("models", f"must be a list of model names or globs, not {type_name(value)}")
+                ok = False
+            else:
+                kept = []
+                for i, pattern in enumerate(value):
+                    problem = glob_problem(pattern)
+                    if problem:
+                        self.p.error(f.at("models") + (i,), problem)
+                        ok = False
+                        continue
+                    pattern = str(pattern)
+                    if names and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                        self.p.warn(f.at("models") + (i,), f"{pattern!r} matches no model, alias, peer model,"
+                                                            " selector or profile pin")
+                    kept.append(pattern)
+                globs = tuple(kept)
+        limits = self._key_limits(f.sub("limits"))
+        if not ok:
+            return None
+        return ApiKey(key=str(key), name=name, admin=admin, models=globs, limits=limits)
+
+    def _key_problem(self, path: tuple, key: str) -> bool:
+        if key == "":
+            self.p.error(path, "empty api key found in apiKeys")
+        elif any(c.isspace() for c in key):
+            self.p.error(path, "api key cannot contain spaces")
+        else:
+            return False
+        return True
+
+    def _key_limits(self, f: Fields) -> KeyLimits:
+        for unknown in sorted(set(f.data) - {k for k, _ in KEY_LIMIT_FIELDS}):
+            f.error(unknown, f"unknown limit {unknown!r} (known: {', '.join(k for k, _ in KEY_LIMIT_FIELDS)})")
+            f.read.add(unknown)
+        return KeyLimits(**{attr: f.int(key, 0, minimum=0) for key, attr in KEY_LIMIT_FIELDS})
+
+    def _key_file(self, path: str, macros: list) -> list[tuple[tuple, Any]]:
+        """The entries of ``apiKeysFile``: a YAML list, or one entry per line
+        (blank lines and ``#`` comments skipped); ``${env.X}`` and global
+        macros expanded.  Errors name the file and line."""
+        shown = os.path.basename(path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as e:
+            self.p.error(("apiKeysFile",), f"cannot read {path}: {e.strerror}")
+            return []
+        except UnicodeDecodeError:
+            self.p.error(("apiKeysFile",), f"{path} is not UTF-8 text")
+            return []
+        whole = _Quiet()
+        tree, lines = _parse_with_env(shown, text, self.environ, whole)
+        if tree is None and text.strip() and not lines:  # not one YAML document: one entry per line
+            items: list = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                problems = _Quiet()
+                value, value_lines = _parse_with_env(shown, line, self.environ, problems)
+                if problems.errors:
+                    for message in problems.errors:
+                        self.p.errors.append(f"{shown} line {n}: {message.split(': ', 1)[-1]}")
+                    continue
+                i = len(items)
+                items.append(value)
+                for p, (src, _) in value_lines.items():
+                    self.p.lines[("apiKeysFile", i) + p] = (src, n)
+            tree = items
+        else:
+            # a variable not set is reported where it is used (leftover_macros below); others here
+            self.p.errors.extend(e for e in whole.errors if not e.endswith("is not set"))
+            for p, loc in lines.items():
+                if p:
+                    self.p.lines[("apiKeysFile",) + p] = loc
+        if tree is None:
+            return []
+        if isinstance(tree, dict):
+            tree = [tree]
+        if not isinstance(tree, list):
+            self.p.error(("apiKeysFile",), f"{shown} must hold a list of keys or one key per line")
+            return []
+        out = []
+        for i, item in enumerate(tree):
+            item = expand(item, macros)
+            leftover_macros(item, ("apiKeysFile", i), self.p.error)
+            out.append((("apiKeysFile", i), item))
+        return out
+
     # -- small sections ----------------------------------------------------------------
 
     def _preload(self, hooks: Fields, models, aliases) -> list:
@@ -893,6 +1067,13 @@ class _Builder:
                 self.p.error(f.at("ignorePaths") + (i,), f"invalid regular expression: {e}")
         f.finish()
         return tuple(patterns) or D.IGNORE_PATHS
+
+
+class _Quiet:
+    """Collects the errors of one parse attempt (see ``_key_file``)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
 
 
 def _replace(obj, **changes):

@@ -196,6 +196,34 @@ class Selector:
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """Per-key limits (0 = no limit): requests at once, across all models;
+    requests and tokens in any 60 s window."""
+
+    concurrent: int = 0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.concurrent or self.requests_per_minute or self.tokens_per_minute)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One entry of ``apiKeys`` / ``apiKeysFile``.  A plain string is an admin
+    key for every model, named after its place (``apiKeys[0]``).
+
+    ``key`` is left out of ``repr`` so that a logged config never shows it."""
+
+    key: str = field(repr=False)
+    name: str
+    admin: bool = True
+    models: tuple[str, ...] = D.API_KEY_MODELS  # globs over requested names and model ids
+    limits: KeyLimits = KeyLimits()
+    plain: bool = False  # written as a plain string (forwarded upstream, as llama-swap does)
+
+
+@dataclass(frozen=True)
 class Performance:
     disabled: bool = False
     every: float = D.PERFORMANCE_EVERY
@@ -220,7 +248,9 @@ class Config:
     send_loading_state: bool = False
     include_aliases_in_list: bool = False
     macros: tuple[tuple[str, Any], ...] = ()
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()  # apiKeys, then the entries of apiKeysFile
+    api_keys_file: Optional[str] = None
+    metrics_public: bool = D.METRICS_PUBLIC  # /metrics without an admin key
     profiles: Mapping[str, Profile] = field(default_factory=lambda: EMPTY)
     selectors: Mapping[str, Selector] = field(default_factory=lambda: EMPTY)
     preload: tuple[str, ...] = ()

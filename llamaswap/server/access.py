@@ -1,7 +1,8 @@
 """The access log: one line per request in llama-swap's format.
 
-``Request <ip> "<METHOD> <path> <proto>" <status> <bytes> "<UA>" <duration>``;
-health probes and metrics scrapes are skipped.
+``Request <ip> "<METHOD> <path> <proto>" <status> <bytes> "<UA>" <duration>``,
+plus `` key=<name>`` when API keys are configured; health probes and metrics
+scrapes are skipped.
 """
 
 from __future__ import annotations
@@ -243,6 +244,10 @@ class AccessLogSite(Site):
         line = (f'Request {client_ip(request)} "{request.method.decode("latin-1")} '
                 f'{request.uri.decode("latin-1")} {request.clientproto.decode("latin-1")}" '
                 f'{request.code} {request.sentLength} "{header(request, b"user-agent")}" {duration}')
+        verdict = getattr(request, "llamaswap_verdict", None)
+        key_name = verdict.key_name if verdict is not None else None
+        if key_name is not None:  # with apiKeys: the key's name (never the key), "-" for none
+            line += f" key={key_name}"
         hub = logs.hub()
         if hub.installed:  # our observer owns stdout: skip the logging machinery (hot path)
             hub.info(line)

@@ -7,6 +7,7 @@ routing: CORS preflight, API-key auth and request timing for the access log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
@@ -48,7 +49,8 @@ from ..proxy.loading import LoadingStream
 from ..proxy.stream import UpstreamBodyIdle, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
 from ..router.local import RoutingError
 from ..clientaddr import TrustedProxies
-from .auth import extract_api_key, key_allowed
+from ..limits import Limiter
+from ..principal import NO_KEY, OPEN, Keyring, Principal, Refusal, Verdict, authorize, model_refusal
 from .errors import render_error
 from .streams import BoundedStream, dropped_marker
 
@@ -65,7 +67,6 @@ VERSIONLESS = ("chat/completions", "responses", "completions", "messages", "mess
                "embeddings", "rerank", "reranking")
 MODEL_ROUTES = frozenset(JSON_POST + FORM_POST + GET_ROUTES + ("/v1/audio/voices", "/audioapi/v1/tasks/run")
                          + tuple("/v/" + p for p in VERSIONLESS))
-UNAUTHENTICATED = (b"/health", b"/wol-health", b"/", b"/favicon.ico", b"/upstream")
 CORS_DEFAULT_HEADERS = "Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -132,6 +133,20 @@ def peer_ip(request: IRequest) -> str:
     return str(getattr(request.getClientAddress(), "host", "") or "")
 
 
+def principal_of(request: IRequest) -> Principal:
+    """Who is asking, as ``FrontResource`` decided (``OPEN`` when no API keys
+    are configured; a request that reached a handler without a verdict may
+    use nothing)."""
+    verdict = getattr(request, "llamaswap_verdict", None)
+    if verdict is not None and verdict.principal is not None:
+        return verdict.principal
+    return NOBODY
+
+
+#: stands for a request no verdict identified: no admin, no model
+NOBODY = Principal(NO_KEY)
+
+
 def client_ip(request: IRequest) -> str:
     """The client's address, decided once per request by ``FrontResource``
     (forwarding headers only from trusted proxies); the peer before that."""
@@ -140,7 +155,8 @@ def client_ip(request: IRequest) -> str:
 
 
 class FrontResource(Resource):
-    """CORS preflight and API keys, before the Klein routes."""
+    """CORS preflight, who is asking (client address, API key's principal)
+    and what they may call, before the Klein routes."""
 
     isLeaf = True
 
@@ -150,6 +166,8 @@ class FrontResource(Resource):
         self.config = config
         self.clock = clock
         self._trusted: Optional[TrustedProxies] = None
+        self._keyring: Optional[Keyring] = None
+        self._keys_source: Optional[tuple] = None
 
     def trusted(self) -> TrustedProxies:
         networks = self.config().trusted_proxies
@@ -158,9 +176,31 @@ class FrontResource(Resource):
             self._trusted.source = networks
         return self._trusted
 
+    def keyring(self) -> Keyring:
+        """The configured keys; rebuilt when a reload changes them (the next
+        request uses the new keys, requests in flight keep their verdict)."""
+        keys = self.config().api_keys
+        if self._keyring is None or self._keys_source is not keys:
+            self._keyring = Keyring(keys)
+            self._keys_source = keys
+        return self._keyring
+
+    def verdict(self, request: IRequest, method: bytes, path: bytes) -> Verdict:
+        """Who is asking and whether the route is theirs: decided once per
+        request (see ``llamaswap.principal``) and kept on it."""
+        verdict = getattr(request, "llamaswap_verdict", None)
+        if verdict is None:
+            verdict = authorize(self.keyring(), method.decode("latin-1"), path.decode("latin-1"),
+                                header(request, b"authorization"), header(request, b"x-api-key"),
+                                self.config().metrics_public)
+            request.llamaswap_verdict = verdict
+        return verdict
+
     def identify(self, request: IRequest) -> None:
         """Decide who is asking, once: the client address and the upstream's
-        ``X-Forwarded-For`` (a malformed header never fails the request)."""
+        ``X-Forwarded-For`` (a malformed header never fails the request).
+        The API key's principal is decided by :meth:`verdict`, from
+        :meth:`check`, as soon as the headers are in."""
         peer = peer_ip(request)
         trusted = self.trusted()
         xff = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or ()
@@ -200,11 +240,9 @@ class FrontResource(Resource):
         if method == b"OPTIONS":
             return None
         config = self.config()
-        if config.api_keys and path not in UNAUTHENTICATED:
-            key = extract_api_key(header(request, b"authorization"), header(request, b"x-api-key"))
-            if not key_allowed(key, config.api_keys):
-                return (401, "unauthorized: invalid or missing API key",
-                        {"WWW-Authenticate": 'Basic realm="llama-swap"'})
+        refusal = self.verdict(request, method, path).refusal
+        if refusal is not None:
+            return (refusal.status, refusal.message, dict(refusal.headers) or None)
         if length is not None and length > config.max_request_body_bytes:
             return (413, "request body too large", None)
         return None
@@ -221,7 +259,7 @@ class LlamaSwapApp:
                  events: Optional[EventBus] = None, inflight: Optional[InflightTracker] = None,
                  activity: Optional[ActivityStore] = None, captures: Optional[CaptureStore] = None,
                  wall: Callable[[], float] = time.time, metrics: Optional[InferenceMetrics] = None,
-                 registry=None, perf=None):
+                 registry=None, perf=None, limiter: Optional[Limiter] = None):
         self._runtime = runtime
         if clock is None:
             from twisted.internet import reactor as clock
@@ -236,6 +274,7 @@ class LlamaSwapApp:
         self.metrics = metrics
         self.registry = registry
         self.perf = perf
+        self.limiter = limiter if limiter is not None else Limiter(clock)  # per API key, across reloads
         self._record_quiet_until = float("-inf")  # see _record_failed
         self._record_suppressed = 0
 
@@ -289,9 +328,11 @@ class LlamaSwapApp:
         origin = request.getHeader(b"origin")
         if origin:
             request.setHeader(b"access-control-allow-origin", origin)
-        return send_json(request, {"object": "list", "data": self.model_records()})
+        return send_json(request, {"object": "list", "data": self.model_records(principal_of(request))})
 
-    def model_records(self) -> list:
+    def model_records(self, principal: Principal = OPEN) -> list:
+        """``/v1/models``: what ``principal`` may use (every record, as it
+        would be requested, passes the same check as a request for it)."""
         config = self.config
         created = int(time.time())
         records = []
@@ -323,14 +364,19 @@ class LlamaSwapApp:
             record["meta"] = {"llamaswap": info}
             if caps.context:
                 record["meta"]["n_ctx"] = caps.context
-            records.append(record)
+            if principal.may_use(model_id):
+                records.append(record)
             if config.include_aliases_in_list:
                 for alias in model.aliases:
+                    if not principal.may_use(alias, model_id):
+                        continue
                     alias_record = dict(base, id=alias, status=status,
                                         meta={"llamaswap": dict(meta, type="alias", modelID=model_id)})
                     records.append(alias_record)
         for peer in config.peers.values():
             for name in peer.models:
+                if not principal.may_use(f"{peer.id}/{name}"):
+                    continue
                 records.append({"id": f"{peer.id}/{name}", "object": "model", "created": created,
                                 "owned_by": "llama-swap", "name": f"{peer.id}: {name}",
                                 "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
@@ -341,7 +387,10 @@ class LlamaSwapApp:
     @app.route("/running", methods=["GET"])
     def running(self, request: IRequest) -> bytes:
         out = []
+        principal = principal_of(request)
         for model_id, process in sorted(self.runtime.processes.items()):
+            if not principal.may_use(model_id):
+                continue
             if process.state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING):
                 m = process.model
                 entry = {"model": model_id, "state": str(process.state), "cmd": m.cmd.strip(),
@@ -463,6 +512,10 @@ class LlamaSwapApp:
         request.setHeader(b"x-accel-buffering", b"no")
         if request.method == b"HEAD":
             return b""
+        principal = principal_of(request)
+        if not principal.admin:
+            await self._own_events(request, principal)
+            return b""
         stream = BoundedStream(request)
         sse = self.sse
 
@@ -489,6 +542,31 @@ class LlamaSwapApp:
             self.events.subscribe(on_event),
         ])
         return b""
+
+    async def _own_events(self, request: IRequest, principal: Principal) -> None:
+        """``/api/events`` for a key without admin: its own requests' activity
+        only (``inflight`` entries and ``activity`` rows of its name), no logs,
+        model states or other keys' requests."""
+        stream = BoundedStream(request)
+        sse = self.sse
+        name = principal.name
+        mine: set = set()  # in-flight ids of this key, to pass on their removal
+        snapshot = self.inflight.snapshot(name)
+        mine.update(r["id"] for r in snapshot.get("requests", ()))
+        stream.write(sse("inflight", snapshot))
+
+        def on_event(kind: str, data) -> None:
+            if kind == "activity" and data.get("key_name") == name:
+                stream.write(sse(kind, data))
+            elif kind == "inflight":
+                if data.get("operation") == "upsert" and data["request"].get("key_name") == name:
+                    mine.add(data["request"]["id"])
+                    stream.write(sse(kind, data))
+                elif data.get("operation") == "remove" and data.get("id") in mine:
+                    mine.discard(data["id"])
+                    stream.write(sse(kind, data))
+
+        await self._run_stream(stream, [self.events.subscribe(on_event, kinds=("activity", "inflight"))])
 
     @app.route("/api/inflight/<entry_id>/cancel", methods=["POST"])
     def cancel_inflight(self, request: IRequest, entry_id: str) -> bytes:
@@ -532,6 +610,9 @@ class LlamaSwapApp:
             query = parse_activity_query(request.args)
         except QueryError as e:
             return send_error(request, 400, str(e))
+        principal = principal_of(request)
+        if not principal.admin:  # a key without admin reads its own rows only
+            query = dataclasses.replace(query, key_names=(principal.name,))
         has = self.captures.has if self.captures is not None else None
         try:
             page = await self.activity.query(query, has_capture=has)
@@ -544,8 +625,15 @@ class LlamaSwapApp:
         if self.activity is None:
             return send_error(request, 503, "activity store unavailable")
         model = (request.args.get(b"model") or [b""])[0].decode("utf-8", "replace") or None
+        keys = [k.decode("utf-8", "replace") for k in request.args.get(b"key", ())]
+        group = (request.args.get(b"group_by") or [b""])[0]
+        if group not in (b"", b"key"):
+            return send_error(request, 400, "group_by must be 'key'")
+        principal = principal_of(request)
+        if not principal.admin:  # a key without admin counts its own rows only
+            keys = [principal.name]
         try:
-            stats = await self.activity.stats(model)
+            stats = await self.activity.stats(model, keys, by_key=group == b"key")
         except (sqlite3.Error, RuntimeError) as e:
             return send_error(request, 503, f"activity store unavailable: {e}")
         return send_json(request, stats)
@@ -647,19 +735,38 @@ class LlamaSwapApp:
         elif "application/json" in ctype.lower():
             parsed = _json_object(body) if len(body) <= LARGE_BODY else await run_in_slices(
                 scan_object(body), self.clock)
-        model_id = self.config.real_model_name(model_name)
-        if model_id is None:
+        config = self.config
+        model_id = config.real_model_name(model_name)
+        principal = principal_of(request)
+        # the key's scope: the name asked for or what it resolves to (never revealing
+        # whether a model outside the scope exists)
+        peer = config.peer_model(model_name) if model_id is None else None
+        refusal = model_refusal(principal, model_name, model_id or ("/".join(peer) if peer else None))
+        if refusal is None and model_id is None:
             return send_error(request, 404, "no router for requested model")
+        if refusal is None:
+            admitted = self.limiter.admit(principal.name, principal.limits)
+            if isinstance(admitted, Refusal):
+                refusal = admitted
+        if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.key_refused(principal.name, "model" if refusal.status == 403 else refusal.code)
+            return send_error(request, refusal.status, refusal.message, refusal.code, dict(refusal.headers))
         runtime = self.runtime
         req_headers = {k.decode("latin-1"): v[-1].decode("latin-1")
                        for k, v in request.requestHeaders.getAllRawHeaders()}
-        entry = self.inflight.add(model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
-                                  req_headers, client_ip(request), cancel=lambda: _abort(request))
-        recorder = self._recorder(request, model_id, upstream_path, body, req_headers)
-        request.llamaswap_model = model_id
         result = b""
         status = None
         passthrough = request.path.startswith(b"/upstream/")
+        try:
+            entry = self.inflight.add(model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
+                                      req_headers, client_ip(request), cancel=lambda: _abort(request),
+                                      key_name=principal.attribution)
+            recorder = self._recorder(request, model_id, upstream_path, body, req_headers, principal)
+            request.llamaswap_model = model_id
+        except BaseException:
+            admitted.release()
+            raise
         try:
             request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path, passthrough)
             result = await self._serve(request, runtime, model_id, request_info, entry, recorder)
@@ -668,6 +775,7 @@ class LlamaSwapApp:
             status = CLIENT_CLOSED
             raise
         finally:
+            admitted.release()  # at once, however the request ended: limits never leak a slot
             self.inflight.remove(entry)
             broke_off = getattr(request, "llamaswap_broke_off", None)  # (status, message): cut mid-response
             status = status or (broke_off[0] if broke_off else request.code)
@@ -678,9 +786,11 @@ class LlamaSwapApp:
                 self._record(recorder)
             if self.metrics is not None:
                 path = "/upstream" if passthrough else request.path.decode("latin-1")  # bounded label values
-                self.metrics.request_done(model_id, path, status, self.clock.seconds() - request.llamaswap_started)
+                self.metrics.request_done(model_id, path, status, self.clock.seconds() - request.llamaswap_started,
+                                          principal.name)
 
-    def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes, headers: dict):
+    def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes, headers: dict,
+                  principal: Principal = OPEN):
         """An activity recorder for POSTs to model-dispatched paths (else None)."""
         if self.activity is None or request.method != b"POST":
             return None
@@ -690,7 +800,7 @@ class LlamaSwapApp:
             return None
         limit = self.captures.max_bytes if self.captures is not None and self.captures.enabled else 0
         return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit,
-                                remote_ip=client_ip(request))
+                                remote_ip=client_ip(request), key_name=principal.attribution)
 
     def _record(self, recorder: ActivityRecorder) -> None:
         """The activity row, then the capture.  Heavy parts (scanning a big
@@ -698,7 +808,10 @@ class LlamaSwapApp:
         (``llamaswap.steps``); for ordinary requests every step finishes at once."""
         def finished(entry):
             if self.metrics is not None:
-                self.metrics.count_tokens(entry.model, entry.tokens)
+                self.metrics.count_tokens(entry.model, entry.tokens, entry.key_name or NO_KEY)
+            if entry.key_name:  # tokensPerMinute counts from the response's own usage figures
+                tokens = entry.tokens
+                self.limiter.add_tokens(entry.key_name, max(0, tokens.input_tokens) + max(0, tokens.output_tokens))
             return self.activity.add(entry)
 
         def captured(capture, entry_id: int):
@@ -709,7 +822,8 @@ class LlamaSwapApp:
         def stored(entry_id: int):
             d = run_in_slices(recorder.capture_steps(entry_id), self.clock)
             d.addCallback(captured, entry_id)
-            d.addCallback(lambda _: self.events.publish("activity", {"id": entry_id}))
+            event = {"id": entry_id, "key_name": recorder.key_name} if recorder.key_name else {"id": entry_id}
+            d.addCallback(lambda _: self.events.publish("activity", event))
             return d
 
         d = run_in_slices(recorder.finish_steps(), self.clock)
@@ -787,6 +901,9 @@ class LlamaSwapApp:
                 "?" + info.query.decode("latin-1") if info.query else "")
             headers = upstream_headers(request.requestHeaders, forwarded_for(request),
                                        forwarded_proto(request), request.getHeader(b"host"))
+            verdict = getattr(request, "llamaswap_verdict", None)
+            for name in (verdict.hide if verdict is not None else ()):  # an object key stays with llamaswap
+                headers.removeHeader(name.encode("latin-1"))
             if recorder is not None:  # only encodings the activity parser can read
                 accepted = filter_accept_encoding(header(request, b"accept-encoding"))
                 if accepted:

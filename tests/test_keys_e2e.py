@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import sys
 import textwrap
 
@@ -18,7 +17,7 @@ from llamaswap.config import load_config, load_config_text
 from llamaswap.process import ChildRegistry
 from llamaswap.service import build_service
 
-from .test_e2e import Harness, free_port, responder, wait_until
+from .test_e2e import Harness, free_port, free_run, responder, wait_until
 from .test_observability import _Lines
 
 ADMIN_KEY = "sk-admin-e2e-9f1c"
@@ -43,26 +42,6 @@ TEAM = f"""
 
 def auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-def free_run(n: int = 2) -> int:
-    """A port p with p .. p+n-1 all free now (models take ${PORT} from
-    startPort upwards): fewer clashes on a busy machine than free_port()+1."""
-    for _ in range(50):
-        start = free_port()
-        sockets = []
-        try:
-            for port in range(start, start + n):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    return free_port()
 
 
 class KeyHarness(Harness):

@@ -597,6 +597,28 @@ class FootprintTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # only the periodic sampling
 
+    def test_release_wait_bounded_when_nvml_never_answers(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.fp.ready(self.processes["A"])
+        self.fp.stopped("A")
+        self.gpu.holding = lambda pids: Deferred()  # a wedged driver: no answer, ever
+        d = self.fp.released()
+        self.clock.advance(4.9)
+        self.assertFalse(d.called)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_no_new_sample_while_one_is_pending(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        pending: list = []
+        self.gpu.sample = lambda pid: pending.append(pid) or Deferred()
+        self.fp.ready(self.processes["A"])
+        self.clock.advance(30)
+        self.clock.advance(30)
+        self.assertEqual(pending, [100, 200])  # one each, never piled up
+
     def test_cancel_and_close(self) -> None:
         self.gpu.linger = 10 ** 6
         self.fp.ready(self.processes["A"])

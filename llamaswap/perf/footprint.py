@@ -225,6 +225,7 @@ class Footprints:
         self._pids: dict[str, frozenset] = {}  # model -> pids found by its last sample
         self._releasing: list[tuple[str, frozenset, float]] = []  # (model, pids, give up at)
         self._waiters: list[Deferred] = []
+        self._sampling: set[str] = set()  # models with a sample under way
         self._polling = False
         self._next_poll: Any = None  # the pending clock call of the release wait
         self._warned: set[tuple[str, str]] = set()
@@ -304,8 +305,19 @@ class Footprints:
         def withdraw(d: Deferred) -> None:
             if d in self._waiters:
                 self._waiters.remove(d)
+            if timer.active():
+                timer.cancel()
+
+        def give_up() -> None:  # NVML may never answer (a wedged driver): the bound holds anyway
+            if d in self._waiters:
+                self._waiters.remove(d)
+                self.log.info("GPU memory release not confirmed within {wait:g}s; starting anyway",
+                              wait=self.release_wait)
+                d.callback(None)
 
         d: Deferred = Deferred(withdraw)
+        timer = self.clock.callLater(self.release_wait, give_up)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         self._waiters.append(d)
         if not self._polling:
             self._polling = True
@@ -340,11 +352,15 @@ class Footprints:
         if pid is None or self.sampler is None:
             return
         model = process.model.id
+        if model in self._sampling:  # the last sample has not come back (a slow or hung driver)
+            return
         try:
             d = self.sampler.sample(pid)
         except Exception:
             self.log.failure("sampling the GPU memory of {model} failed", model=model)
             return
+        self._sampling.add(model)
+        d.addBoth(lambda result: (self._sampling.discard(model), result)[1])
         d.addCallback(self._sampled, process, pid)
         d.addErrback(lambda f: self.log.failure("sampling the GPU memory of {model} failed", f, model=model))
 

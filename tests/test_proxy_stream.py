@@ -205,3 +205,34 @@ class ChunkedBodyTests(SynchronousTestCase):
             clock.advance(0)
         self.assertEqual(len(written), 1)
         self.assertNoResult(d)
+
+    def test_abandoned_request_writes_nothing_more(self):
+        """Cancelling the request (client gone, header timeout) while a chunk is
+        due must not write into the finished request (ExcessWrite from a timer)."""
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted.web.client import HTTP11ClientProtocol
+        from twisted.web._newclient import Request
+        from llamaswap.proxy.stream import BytesProducer
+
+        class PausingTransport(StringTransport):
+            def write(self, data):
+                super().write(data)
+                if self.producer is not None and len(data) > 65536:
+                    self.producer.pauseProducing()
+
+        clock = Clock()
+        protocol = HTTP11ClientProtocol()
+        transport = PausingTransport()
+        protocol.makeConnection(transport)
+        producer = BytesProducer(b"x" * (3 << 20), clock)
+        d = protocol.request(Request(b"POST", b"/", Headers({b"host": [b"x"]}), producer, persistent=True))
+        failures: list = []
+        d.addErrback(failures.append)
+        clock.advance(0)
+        written = len(transport.value())
+        producer.resumeProducing()  # the transport drained: a chunk is due
+        d.cancel()
+        clock.advance(0)  # raised ExcessWrite before the fix
+        self.assertEqual(len(transport.value()), written)
+        self.assertEqual(len(failures), 1)

@@ -102,7 +102,10 @@ class BytesProducer:
         if self._clock is None:
             from twisted.internet import reactor as clock
             self._clock = clock
-        self._consumer, self._offset, self._done = consumer, 0, defer.Deferred()
+        # cancelled by the client when the request is abandoned (disconnect,
+        # responseHeader timeout): then nothing more may be written
+        self._consumer, self._offset = consumer, 0
+        self._done = defer.Deferred(lambda d: self.stopProducing())
         done = self._done
         self._schedule()
         return done
@@ -162,7 +165,7 @@ class ContinueBody(BytesProducer):
 
     def startProducing(self, consumer):
         self.consumer = consumer
-        self.finished = defer.Deferred(lambda d: self._disarm())
+        self.finished = defer.Deferred(lambda d: self.stopProducing())
         self.timer = self.clock.callLater(self.wait, self.send)
         if self.protocol is not None:
             self.protocol.on_first_data = self.send

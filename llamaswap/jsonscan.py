@@ -14,7 +14,7 @@ The scan is a generator (see :mod:`llamaswap.steps`): it yields every
 ``STEP_BYTES`` of input or ``STEP_TOKENS`` tokens, so a 30 MiB body is read
 in slices that leave the reactor free in between.
 
-It checks the structure (strings closed, brackets balanced, ``key: value``
+It checks the structure (strings closed, brackets balanced and matched, ``key: value``
 pairs separated by commas, nothing after the object) but not every token
 inside nested values, and it does not check that the bytes are UTF-8: a
 malformed body that passes reaches the upstream, which rejects it, where a
@@ -36,10 +36,12 @@ STEP_BYTES = 256 * 1024
 STEP_TOKENS = 2000
 
 _STRUCTURE = re.compile(rb'["\[\]{}]')
-_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
+# as json.loads: NaN and +-Infinity too
+_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
 _WS = re.compile(rb"[ \t\r\n]*")
 _QUOTE, _BACKSLASH, _COLON, _COMMA = 0x22, 0x5C, 0x3A, 0x2C
 _OPEN = b"[{"
+_CLOSER = {0x5B: 0x5D, 0x7B: 0x7D}
 
 
 class ObjectScan:
@@ -141,7 +143,7 @@ def scan_object(body: bytes) -> "Steps[Optional[ObjectScan]]":
     tokens = 0
     mark = 0
 
-    pos = ws(body, 0).end()
+    pos = ws(body, 3 if body.startswith(b"\xef\xbb\xbf") else 0).end()  # json.loads accepts a UTF-8 BOM
     if pos >= n or body[pos] != 0x7B:
         return None
     pos = ws(body, pos + 1).end()
@@ -170,20 +172,22 @@ def scan_object(body: bytes) -> "Steps[Optional[ObjectScan]]":
             value_start = pos
             c = body[pos]
             if c == _QUOTE or c in _OPEN:
-                depth = 0
+                stack: list[int] = []  # the closing bracket each open one expects
                 while True:
                     if c == _QUOTE:
                         q, tokens = yield from _string_end(body, pos, tokens)
                         if q < 0:
                             return None
                         pos = q + 1
-                    else:
-                        depth += 1 if c in _OPEN else -1
+                    elif c in _OPEN:
+                        stack.append(_CLOSER[c])
                         pos += 1
-                    if depth == 0:
+                    else:
+                        if not stack or stack.pop() != c:
+                            return None  # mismatched: ] for { or } for [
+                        pos += 1
+                    if not stack:
                         break
-                    if depth < 0:
-                        return None
                     tokens += 1
                     if tokens >= STEP_TOKENS or pos - mark >= STEP_BYTES:
                         tokens, mark = 0, pos

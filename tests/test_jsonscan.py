@@ -52,6 +52,15 @@ class ScanTests(SynchronousTestCase):
             self.assertEqual({key: result.get(key) for key, *_ in result.members}, doc)
             self.assertEqual(json.loads(result.rebuild({})), doc)
 
+    def test_mismatched_brackets_refused(self):
+        for body in (b'{"a":[},"model":"x"}', b'{"a":{],"model":"x"}', b'{"a":[[]}]],"model":"x"}'):
+            self.assertIsNone(scan(body), body)
+        self.assertEqual(scan(b'{"a":[{"b":"]}"}],"model":"y"}').get("model"), "y")
+
+    def test_what_json_loads_accepts(self):
+        for body in (b'\xef\xbb\xbf{"model":"x"}', b'{"t":NaN,"u":-Infinity,"v":Infinity,"model":"x"}'):
+            self.assertEqual(scan(body).get("model"), json.loads(body)["model"])
+
     def test_duplicates_last_wins_like_json_loads(self):
         body = b'{"model": "a", "x": [1, {"model": "inner"}], "model": "b"}'
         result = scan(body)

@@ -183,6 +183,11 @@ class BudgetPlannerTests(SynchronousTestCase):
         self.assertEqual(planner.trim(fs("A", "B", "C"), usage), ("B",))  # A is busy: never trimmed
         planner.capacity["vram"] = 5
         self.assertEqual(planner.trim(fs("A", "B", "C"), usage), ("B", "C"))
+        young = Usage(recency=recent("A", "B", "C"), young={"A": 12.0})
+        planner.capacity["vram"] = 20
+        self.assertEqual(planner.trim(fs("A", "B", "C"), young), ("B",))  # A within minResident
+        # kept models (a swap's target) count towards the use but are never chosen
+        self.assertEqual(planner.trim(fs("A", "B", "C"), Usage(recency=recent("A", "B", "C")), keep=fs("A")), ("B",))
 
     def test_can_coexist(self) -> None:
         planner = budget({"A": 10, "B": 10, "C": 10})

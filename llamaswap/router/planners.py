@@ -362,10 +362,12 @@ class BudgetPlanner:
         return replace(plan, evict=plan.evict | frozenset(names), reason=reason,
                        reasons=plan.reasons + tuple(chosen))
 
-    def trim(self, running: AbstractSet[str], usage: Usage = NO_USAGE) -> tuple[str, ...]:
+    def trim(self, running: AbstractSet[str], usage: Usage = NO_USAGE,
+             keep: AbstractSet[str] = frozenset()) -> tuple[str, ...]:
         """Idle models to stop, least recently used first (persistent group
         members last), until ``running`` fits every capacity; models with
-        requests in flight are never chosen (for a capacity lowered by a
+        requests in flight, within ``minResident`` or in ``keep`` count
+        towards the use but are never chosen (for a capacity lowered by a
         reload: the next load evicts the rest)."""
         used = self.used(running, usage)
         over = self._over(used)
@@ -373,7 +375,7 @@ class BudgetPlanner:
         for m in self._order(running, usage):
             if not over:
                 break
-            if usage.in_flight.get(m, 0) > 0:
+            if m in keep or usage.in_flight.get(m, 0) > 0 or usage.young.get(m, 0) > 0:
                 continue
             frees = self.footprint(m, usage)
             if not any(frees[r] > 0 for r in over):

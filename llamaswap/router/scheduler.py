@@ -397,15 +397,14 @@ class Scheduler:
     def trim(self) -> frozenset[str]:
         """The idle models to stop so that the running ones fit every
         capacity (after a reload lowered one), least recently used first;
-        models with requests in flight, swap targets and models a swap is
-        evicting are left alone.  The router stops what this returns."""
+        models with requests in flight or within ``minResident``, swap
+        targets and models a swap is evicting are left alone (but counted).  The router stops what this returns."""
         if self._budget is None or self._closed:
             return frozenset()
         busy = set(self._swaps)
         for swap in self._swaps.values():
             busy |= swap.evict
-        running = frozenset(m for m in self._running() if m not in busy)
-        return frozenset(self._budget.trim(running, self._usage()))
+        return frozenset(self._budget.trim(self._running(), self._usage(), keep=busy))
 
     # -- introspection ------------------------------------------------------
 

@@ -202,6 +202,7 @@ class Process:
         self._proto: Optional[UpstreamProtocol] = None  # current or last child
         self._pid: Optional[int] = None
         self._exit_status: Optional[ExitStatus] = None
+        self._crashed = False  # the server died while ready: STOPPING until its output drained
         self._started_at = 0.0
         self._health_url = ""
 
@@ -585,6 +586,11 @@ class Process:
         self._kill_call = _cancel(self._kill_call)
         self._signal(signal.SIGKILL)
         self._drain_call = self._reactor.callLater(EXIT_DRAIN_TIMEOUT, self._child_gone, proto)
+        if self._state is READY:
+            # the server is gone: from now on nothing is granted to it, while its
+            # output drains; the next request waits for the stop and starts it again
+            self._crashed = True
+            self._set_state(STOPPING)
 
     def _child_ended(self, proto: UpstreamProtocol, status: ExitStatus) -> None:
         """processEnded: the leader died and its output is all read."""
@@ -618,7 +624,8 @@ class Process:
             waiters = self._take_start_waiters()
             self._set_state(STOPPED)
             _fail_all(waiters, error)
-        elif state is READY:
+        elif state is READY or (state is STOPPING and self._crashed):
+            self._crashed = False
             self.log.warn(
                 "{model} upstream process exited unexpectedly ({status}); last output:\n{output}",
                 model=self.model.id,
@@ -626,6 +633,9 @@ class Process:
                 output="\n".join(tail),
             )
             self._set_state(STOPPED)
+            for d in self._stop_waiters[:]:
+                self._stop_waiters.remove(d)
+                d.callback(None)
         elif state is STOPPING:
             self.log.info("{model} stopped ({status})", model=self.model.id, status=str(status))
             self._set_state(STOPPED)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from functools import partial
 from typing import Optional
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -17,12 +16,12 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.error import ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IHandshakeListener, IResolutionReceiver, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTP11ClientProtocol, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -129,29 +128,58 @@ class _Protocol(HTTP11ClientProtocol):
         super().connectionLost(reason)
 
 
-class _QuietFactory(_HTTP11ClientFactory):
+class _QuietFactory(Factory):
+    """Builds one pool connection's :class:`_Protocol` (as Twisted's own
+    ``_HTTP11ClientFactory`` builds its ``HTTP11ClientProtocol``)."""
+
     noisy = False  # no "Starting factory" log line per upstream connection
 
-    def __init__(self, quiescentCallback, metadata, reactor=None, keepalive: float = 0, tls_handshake: float = 0):
-        super().__init__(quiescentCallback, metadata)
+    def __init__(self, quiescent, metadata, reactor=None, keepalive: float = 0, tls_handshake: float = 0):
+        self.quiescent = quiescent  # hands the connection back to its pool when idle
+        self.metadata = metadata
         self.reactor = reactor
         self.keepalive = keepalive
         self.tls_handshake = tls_handshake
 
+    def __repr__(self) -> str:
+        return f"_QuietFactory({self.quiescent}, {self.metadata})"
+
     def buildProtocol(self, addr) -> HTTP11ClientProtocol:
-        protocol = _Protocol(self._quiescentCallback)
+        protocol = _Protocol(self.quiescent)
         protocol.reactor = self.reactor
         protocol.keepalive = self.keepalive
         protocol.tls_handshake = self.tls_handshake
         return protocol
 
 
-def quiet_pool(reactor, persistent: bool, keepalive: float = 0, tls_handshake: float = 0) -> HTTPConnectionPool:
-    """An HTTPConnectionPool that does not log every connection it opens; its
+class UpstreamPool(HTTPConnectionPool):
+    """An ``HTTPConnectionPool`` whose connections are :class:`_Protocol`:
+    quiet (no log line per connection), with TCP keepalive and a TLS
+    handshake bound (0 = none).
+
+    Twisted has no public way to choose the protocol of a pool's
+    connections.  The one hook is ``HTTPConnectionPool._factory``, called as
+    ``_factory(quiescentCallback, metadata)`` for each new connection: a
+    documented ivar, which Twisted's own tests replace; overriding it here is
+    the single private dependency of this module, and
+    ``tests/test_twisted_private.py`` checks that contract.
+    """
+
+    def __init__(self, reactor, persistent: bool = True, keepalive: float = 0, tls_handshake: float = 0):
+        super().__init__(reactor, persistent=persistent)
+        self.reactor = reactor
+        self.keepalive = keepalive
+        self.tls_handshake = tls_handshake
+
+    def _factory(self, quiescent, metadata) -> _QuietFactory:
+        return _QuietFactory(quiescent, metadata, reactor=self.reactor, keepalive=self.keepalive,
+                             tls_handshake=self.tls_handshake)
+
+
+def quiet_pool(reactor, persistent: bool, keepalive: float = 0, tls_handshake: float = 0) -> UpstreamPool:
+    """A connection pool that does not log every connection it opens; its
     connections get TCP keepalive and a TLS handshake bound (0 = none)."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = partial(_QuietFactory, reactor=reactor, keepalive=keepalive, tls_handshake=tls_handshake)
-    return pool
+    return UpstreamPool(reactor, persistent=persistent, keepalive=keepalive, tls_handshake=tls_handshake)
 
 
 # -- endpoints that fail fast --------------------------------------------------------

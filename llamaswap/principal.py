@@ -142,7 +142,10 @@ PUBLIC_PATHS = frozenset({"/health", "/wol-health", "/", "/favicon.ico", "/upstr
 #: route added later is closed until it is listed here
 API_FOR_ANY_KEY = frozenset({"/api/events", "/api/metrics/activity", "/api/metrics/stats",
                              "/api/performance", "/api/version"})
-ADMIN_PATHS = frozenset({"/unload", "/logs"})
+ADMIN_PATHS = frozenset({"/unload", "/logs"})  # /api/hardware: admin-only, as the rest of /api/
+#: the web UI's files: any key (each API call the UI makes is checked on its own, so
+#: a key without admin gets a UI without the admin-only parts)
+UI_PREFIX = "/ui"
 ADMIN_PREFIXES = ("/logs/", "/upstream/")
 
 
@@ -167,6 +170,8 @@ def _access(path: str) -> Access:
         return Access.METRICS
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return Access.ADMIN
+    if path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
+        return Access.KEY
     if path.startswith("/api/") or path == "/api":
         return Access.KEY if path in API_FOR_ANY_KEY else Access.ADMIN
     return Access.KEY

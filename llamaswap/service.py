@@ -32,7 +32,7 @@ from .process import ChildRegistry
 from .perf.footprint import NvmlFootprintSampler
 from .runtime import Runtime, access_only, budgets_only
 from .sdnotify import ListeningEndpoint, Notifier, ReadyNotifier
-from .server import LlamaSwapApp
+from .server.app import LlamaSwapApp
 from .server.access import AccessLogSite
 
 SHUTDOWN_GRACE = 30.0
@@ -271,7 +271,9 @@ def build_service(
     listeners = [ListeningEndpoint(serverFromString(reactor, with_backlog(d)), d) for d in endpoints]
     for listener in listeners:
         http = StreamServerEndpointService(listener, site)
-        http._raiseSynchronously = True  # a bind error aborts start-up loudly
+        # a bind error aborts start-up loudly, as strports.service arranges (private; checked
+        # by tests/test_twisted_private.py)
+        http._raiseSynchronously = True
         http.setName(f"http:{listener.description}")
         http.setServiceParent(root)
     ReadyNotifier(root.notify, listeners).setServiceParent(root)  # last: READY after listening, first to stop

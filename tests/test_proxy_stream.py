@@ -236,3 +236,70 @@ class ChunkedBodyTests(SynchronousTestCase):
         clock.advance(0)  # raised ExcessWrite before the fix
         self.assertEqual(len(transport.value()), written)
         self.assertEqual(len(failures), 1)
+
+
+class _FailingHeadResource(Resource):
+    """Forwards, but its ``on_headers`` observer raises."""
+
+    isLeaf = True
+
+    def __init__(self, agent, upstream: str):
+        super().__init__()
+        self.agent = agent
+        self.upstream = upstream
+        self.errors: list = []
+
+    def render(self, request):
+        def on_headers(response):
+            raise ValueError("observer broke")
+
+        body = request.content.read()
+        headers = upstream_headers(request.requestHeaders, b"127.0.0.1", b"http", request.getHeader(b"host"))
+        d = forward(self.agent, request, (self.upstream + request.uri.decode()).encode(), body, headers,
+                    on_headers=on_headers, write_head=False)
+
+        def failed(f):
+            self.errors.append(f.value)
+            request.setResponseCode(502)
+            request.finish()
+
+        d.addErrback(failed)
+        return NOT_DONE_YET
+
+
+class FailedHeadTests(TestCase):
+    """A failure while the upstream's head is handled drops the upstream
+    connection (through ``deliverBody``: a response has no public transport)."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.responder_site = build_site(ResponderOptions(id="up", tokens=50, token_delay=0.02, silent=True), reactor)
+        self.upstream_port = reactor.listenTCP(0, self.responder_site, interface="127.0.0.1")
+        self.addCleanup(self.upstream_port.stopListening)
+        self.agent, self.pool = make_agent(reactor)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.proxy = _FailingHeadResource(self.agent, f"http://127.0.0.1:{self.upstream_port.getHost().port}")
+        self.proxy_port = reactor.listenTCP(0, Site(self.proxy), interface="127.0.0.1")
+        self.addCleanup(self.proxy_port.stopListening)
+        self.client_pool = HTTPConnectionPool(reactor, persistent=False)
+        self.client = Agent(reactor, pool=self.client_pool)
+
+    @defer.inlineCallbacks
+    def test_upstream_dropped_and_failure_reported(self):
+        from llamaswap.proxy.stream import BytesProducer
+
+        url = f"http://127.0.0.1:{self.proxy_port.getHost().port}/v1/chat/completions".encode()
+        response = yield self.client.request(b"POST", url, Headers({b"content-type": [b"application/json"]}),
+                                             BytesProducer(json.dumps({"model": "up", "stream": True}).encode()))
+        self.assertEqual(response.code, 502)
+        collector = _Chunks()
+        response.deliverBody(collector)
+        yield collector.done
+        self.assertEqual([type(e) for e in self.proxy.errors], [ValueError])
+        responder = self.responder_site.responder
+        for _ in range(100):  # the upstream sees its client go away long before its 50 tokens are out
+            if responder.cancelled >= 1:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(responder.cancelled, 1)

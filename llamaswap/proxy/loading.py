@@ -28,6 +28,8 @@ class LoadingStream:
         self.request = request
         self.clock = clock
         self.started = clock.seconds()
+        self.gone = False  # the client went away: nothing more is written
+        request.notifyFinish().addErrback(self._client_gone)
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
@@ -38,8 +40,11 @@ class LoadingStream:
         self.loop.clock = clock
         self.loop.start(TICK, now=False)
 
+    def _client_gone(self, failure) -> None:
+        self.gone = True
+
     def send(self, text: str) -> None:
-        if not getattr(self.request, "_disconnected", False):
+        if not self.gone:
             self.request.write(loading_event(text))
 
     def position(self, n: int) -> None:
@@ -65,5 +70,5 @@ class LoadingStream:
         """A load failure after the 200 was sent: the error body goes in the stream."""
         self.stop()
         self.send("\n")
-        if not getattr(self.request, "_disconnected", False):
+        if not self.gone:
             self.request.write(body)

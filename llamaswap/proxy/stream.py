@@ -338,6 +338,26 @@ class _Relay(Protocol):
             self.transport.stopProducing()
 
 
+class _DropBody(Protocol):
+    """Takes a response body nobody will read and drops the upstream
+    connection at once.  ``IResponse`` has no public transport: the protocol
+    its body is delivered to is given one (``deliverBody``)."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+def _drop_body(response) -> None:
+    """Drop the connection of a response whose body has not been delivered."""
+    try:
+        response.deliverBody(_DropBody())
+    except Exception:
+        log.failure("could not drop the upstream connection")
+
+
 def copy_response_headers(response, request: IRequest, extra_drop: Iterable[bytes] = ()) -> None:
     drop = HOP_BY_HOP | {b"content-length"} | set(extra_drop)
     length = response.headers.getRawHeaders(b"content-length")
@@ -419,11 +439,14 @@ def forward(
             response.deliverBody(relay)
         except Exception:
             # never leave the request hanging: drop the upstream and report
-            transport = getattr(response, "_transport", None)
-            if transport is not None:
-                transport.stopProducing()
+            failure = Failure()
+            relay = relay_holder.get("relay")
+            if relay is not None and relay.transport is not None:  # the relay has the body
+                relay.transport.stopProducing()
+            else:
+                _drop_body(response)
             if not done.called:
-                done.errback()
+                done.errback(failure)
 
     def failed(failure: Failure) -> None:
         if timer is not None and timer.active():

@@ -13,6 +13,7 @@ from twisted.web.server import Request, Site
 
 from .. import logs
 from ..httpclient import no_delay
+from .http import client_ip, header
 
 SKIPPED = (b"/wol-health", b"/api/performance", b"/metrics")
 log = Logger()
@@ -37,6 +38,24 @@ class _Discard:
         pass
 
 
+def request_line(request: Request) -> tuple[bytes, bytes]:
+    """The method and path (without the query) of a request whose headers are
+    in but whose body is not yet.
+
+    Twisted sets ``Request.method`` and ``Request.path`` only once the whole
+    body has arrived (``requestReceived``), and no public attribute holds the
+    request line before that; the HTTP/1.1 channel keeps it in ``_command``
+    and ``_path`` from the moment it parsed that line until the request is
+    complete.  ``tests/test_twisted_private.py`` checks that this still holds
+    for the installed Twisted.  ``(b"", b"")`` on a channel without them,
+    such as an HTTP/2 stream (only with the optional ``h2`` package, over TLS).
+    """
+    channel = request.channel
+    path = (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
+    method = getattr(channel, "_command", b"") or b""
+    return method, path
+
+
 class LlamaSwapRequest(Request):
     """Checks API key and body size as soon as the headers are in, so a refused
     upload is discarded instead of spooled to disk, and works on listeners
@@ -49,8 +68,7 @@ class LlamaSwapRequest(Request):
     def gotLength(self, length) -> None:
         front = getattr(getattr(self.channel, "site", None), "front", None)
         if front is not None:
-            path = (getattr(self.channel, "_path", b"") or b"").split(b"?", 1)[0]
-            method = getattr(self.channel, "_command", b"") or b""
+            method, path = request_line(self)
             self.refused = front.check(self, method, path, length)
             if self.refused is not None:
                 self.content = _Discard()
@@ -100,6 +118,11 @@ class LlamaSwapChannel(http.HTTPChannel):
       send_timeout).
     """
 
+    # Twisted offers no public hooks for these answers: the overrides below use
+    # HTTPChannel's private ``_receivedHeaderSize`` (bytes of the head so far) and
+    # ``_respondToBadRequestAndDisconnect`` (its bare 400), which
+    # tests/test_twisted_private.py checks against the installed Twisted.
+
     LINGER = 1.0
     _refusing = False
     _linger = None
@@ -121,7 +144,7 @@ class LlamaSwapChannel(http.HTTPChannel):
             return
         self._refusing = True
         # nothing more is parsed on this connection
-        self._buffer = b""
+        self.clearLineBuffer()
         self.dataReceived = self.lineReceived = self.rawDataReceived = _ignore
         self.setTimeout(None)
         phrase = _PHRASES[status]
@@ -182,25 +205,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds * 1e6:.0f}µs"
 
 
-_parse_content_type = getattr(http, "_parseContentType", None)
-
-
-def _fast_parse_content_type(line: bytes) -> bytes:
-    """Twisted parses every POST's Content-Type with the email package (about
-    0.1 ms) only to spot form bodies; plain types need just the lower-cased
-    media type."""
-    head = line.split(b";", 1)[0].strip().lower()
-    if b"/" not in head or head in (b"application/x-www-form-urlencoded", b"multipart/form-data"):
-        return _parse_content_type(line)
-    return head
-
-
-def install_fast_content_type() -> None:
-    """Use :func:`_fast_parse_content_type` (a no-op if Twisted changes)."""
-    if _parse_content_type is not None:
-        http._parseContentType = _fast_parse_content_type
-
-
 class AccessLogSite(Site):
     noisy = False
     log_ = Logger(namespace="llamaswap.access")
@@ -209,19 +213,21 @@ class AccessLogSite(Site):
     send_timeout = 60.0
 
     def protocol(self):
-        """Twisted's HTTP/1.1-or-2 wrapper around a ``LlamaSwapChannel``."""
+        """Twisted's HTTP/1.1-or-2 wrapper around a ``LlamaSwapChannel``
+        (private, as Twisted's own ``Site.protocol``; checked by
+        tests/test_twisted_private.py)."""
         generic = getattr(http, "_GenericHTTPChannelProtocol", None)
         return generic(LlamaSwapChannel()) if generic is not None else LlamaSwapChannel()
 
     def __init__(self, resource, clock, **kw):
         kw.setdefault("requestFactory", LlamaSwapRequest)
         # Twisted would parse every multipart/urlencoded POST body into request.args with the email
-        # package: seconds of reactor time for a big upload, for arguments nothing here reads.
+        # package: seconds of reactor time for a big upload, for arguments nothing here reads.  With
+        # that off it does not look at a POST's Content-Type either.
         kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.clock = clock
         self.front = resource if hasattr(resource, "check") else None
-        install_fast_content_type()
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
@@ -237,8 +243,6 @@ class AccessLogSite(Site):
     def log(self, request) -> None:
         if request.path in SKIPPED:
             return
-        from .app import client_ip, header
-
         started = getattr(request, "llamaswap_started", None)
         duration = format_duration(self.clock.seconds() - started) if started is not None else "-"
         line = (f'Request {client_ip(request)} "{request.method.decode("latin-1")} '

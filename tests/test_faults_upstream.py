@@ -222,6 +222,9 @@ class UpstreamFaultTests(FaultHarness):
         self.assertLess(reactor.seconds() - started, 2.0)
         self.assertEqual(response.code, 504)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        # none of the upstream's headers (they were copied before it stalled) on our own error
+        self.assertIsNone(response.headers.getRawHeaders("x-accel-buffering"))
+        self.assertIsNone(response.headers.getRawHeaders("cache-control"))
         self.assertIn("timeouts.bodyIdle", json.loads(body)["error"]["message"])
         rows = yield self.activity("A", lambda r: r["resp_status_code"] == 504)
         self.assertIn("timeouts.bodyIdle", rows[0]["error_msg"])

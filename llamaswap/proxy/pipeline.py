@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
 from ..activity.captures import CaptureStore
@@ -383,7 +384,7 @@ class ProxyPipeline:
                     return broke_off(504, message)
                 if recorder is not None:
                     recorder.fail(504, message)
-                return send_error(request, 504, message)
+                return send_error(own_headers(request), 504, message)
             except (UpstreamUnavailable, UpstreamTimeout) as e:
                 notice_exits()
                 status, message = (504, f"upstream timed out: {e}") if isinstance(e, UpstreamTimeout) else (
@@ -393,7 +394,7 @@ class ProxyPipeline:
                     return b""
                 if request.startedWriting:
                     return b""
-                return send_error(request, status, message)
+                return send_error(own_headers(request), status, message)
             except defer.CancelledError:
                 raise
             except Exception as e:  # the upstream died mid-response (crash)
@@ -403,7 +404,7 @@ class ProxyPipeline:
                     return broke_off(502, f"upstream response failed: {e}")
                 if recorder is not None:
                     recorder.fail(502, f"upstream response failed: {e}")
-                return send_error(request, 502, f"upstream response failed: {e}")
+                return send_error(own_headers(request), 502, f"upstream response failed: {e}")
             return b""
         finally:
             grant.release()
@@ -451,3 +452,15 @@ def notice_exits() -> None:
     except ImportError:  # no POSIX processes
         return
     reapAllProcesses()
+
+
+def own_headers(request: IRequest) -> IRequest:
+    """``request`` with the upstream's response headers dropped (they may have
+    been copied before the upstream failed: a ``Content-Encoding`` or
+    ``Set-Cookie`` must not go out on our own error body); CORS headers stay."""
+    kept = Headers()
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        if name.lower().startswith(b"access-control-"):
+            kept.setRawHeaders(name, values)
+    request.responseHeaders = kept
+    return request

@@ -111,9 +111,10 @@ class LlamaSwapChannel(http.HTTPChannel):
       client still sends is read and dropped for ``LINGER`` seconds before the
       close, so data left unread does not turn the close into a reset that
       destroys the answer (Go's closeWriteAndWait, nginx's lingering close).
-    * The site's ``send_timeout``: a client that takes no response bytes for
-      that long (our send buffer stays full: it never reads) loses its
-      connection, and its request is cancelled like any client that went
+    * The site's ``send_timeout``: a client that leaves our send buffer full
+      for that long (from the pause until Twisted has written the whole buffer
+      out and resumes us: a client that never reads, or drains ~64 KiB slower
+      than about 1 KiB/s per minute) loses its connection, and its request is cancelled like any client that went
       away, which frees its model slot and stops the upstream (nginx's
       send_timeout).
     """

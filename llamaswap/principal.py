@@ -141,7 +141,7 @@ PUBLIC_PATHS = frozenset({"/health", "/wol-health", "/", "/favicon.ico", "/upstr
 #: ``/api/...`` routes any key may call; the rest of ``/api/`` is admin-only, so a
 #: route added later is closed until it is listed here
 API_FOR_ANY_KEY = frozenset({"/api/events", "/api/metrics/activity", "/api/metrics/stats",
-                             "/api/performance", "/api/version"})
+                             "/api/performance", "/api/version", "/api/profiles"})
 ADMIN_PATHS = frozenset({"/unload", "/logs"})  # /api/hardware: admin-only, as the rest of /api/
 #: the web UI's files: any key (each API call the UI makes is checked on its own, so
 #: a key without admin gets a UI without the admin-only parts)

@@ -64,6 +64,7 @@ class Runtime:
                                                    tls_handshake=t.tls_handshake)
             self.agents[model_id] = upstream_agent(reactor, pool, t.connect or None)
         self.closed = False
+        self.active_profile: Optional[str] = None  # runtime state: none at start and after a reload
 
     def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
         if new is ProcessState.READY:
@@ -97,6 +98,7 @@ class Runtime:
         budgets (see ``budgets_only``), without stopping models that still
         fit; returns the idle models stopped because they no longer do."""
         self.config = config
+        self.active_profile = None
         for model_id, process in self.processes.items():
             process.model = config.models[model_id]
         self.footprints.reconfigure(config)
@@ -107,6 +109,16 @@ class Runtime:
         ask (see ``access_only``): models, queues and requests in flight are
         untouched; the next request is decided with the new keys."""
         self.config = config
+        self.active_profile = None
+
+    def pinned(self, requested: str) -> "tuple[bool, Optional[str]]":
+        """The active profile's pin for ``requested``: ``(False, requested)``
+        when it has none, ``(True, target)`` when it has one, ``target`` None
+        when the pin disables the id."""
+        profile = self.config.profiles.get(self.active_profile) if self.active_profile else None
+        if profile is None or requested not in profile.pins:
+            return False, requested
+        return True, profile.pins[requested]
 
     def shutdown(self, grace: float = 30.0) -> defer.Deferred:
         self.closed = True

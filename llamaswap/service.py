@@ -148,6 +148,8 @@ class LlamaSwapService(MultiService):
                 return False
             change = diff(self.config, new)
             self.hub.configure(new.log_level, new.log_time_format)
+            if self.runtime.active_profile is not None:  # no profile is active after a reload
+                self.events.publish("profileChanged", {"active": None})
             if access_only(self.config, new):  # new keys for the next request; nothing stops
                 self.runtime.apply_access(new)
                 self.events.publish("configReloaded", {"added": [], "removed": [], "changed": [], "access": True})

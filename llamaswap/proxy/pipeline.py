@@ -164,6 +164,7 @@ class ProxyPipeline:
         query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
         ctype = header(request, b"content-type")
         parsed = None
+        passthrough_name = model_name is not None  # /upstream/<model>: no profile pins
         if model_name is None:
             # a big body is scanned in slices (an ObjectScan, not a dict): see proxy/filters.py
             model_name, parsed = await run_in_slices(
@@ -174,6 +175,12 @@ class ProxyPipeline:
             parsed = _json_object(body) if len(body) <= LARGE_BODY else await run_in_slices(
                 scan_object(body), self.clock)
         config = self.config
+        if not passthrough_name:  # the active profile's pins come before aliases and routing
+            pinned, target = self.runtime.pinned(model_name)
+            if pinned and not target:
+                return send_error(request, 404, f"model {model_name!r} is disabled by profile "
+                                                f"{self.runtime.active_profile!r}")
+            model_name = target
         model_id = config.real_model_name(model_name)
         principal = principal_of(request)
         # the key's scope: the name asked for or what it resolves to (never revealing

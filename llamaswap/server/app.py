@@ -346,7 +346,7 @@ class LlamaSwapApp:
                                      "data": self.hub.upstream.history().decode("utf-8", "replace")}))
         stream.write(sse("modelStatus", self.model_status()))
         stream.write(sse("uiConfig", {"activity": {"session_id": list(self.config.session_id_headers)}}))
-        stream.write(sse("profileChanged", {"active": None}))
+        stream.write(sse("profileChanged", {"active": self.runtime.active_profile}))
         stream.write(sse("inflight", self.inflight.snapshot()))
 
         def on_event(kind: str, data) -> None:
@@ -354,6 +354,8 @@ class LlamaSwapApp:
                 stream.write(sse("modelStatus", self.model_status()))
             elif kind in ("inflight", "activity", "profileChanged"):
                 stream.write(sse(kind, data))
+                if kind == "profileChanged":  # as llama-swap: the model list is sent again
+                    stream.write(sse("modelStatus", self.model_status()))
 
         await self._run_stream(stream, [
             self.hub.proxy.subscribe(log_data("proxy")),
@@ -386,6 +388,38 @@ class LlamaSwapApp:
                     stream.write(sse(kind, data))
 
         await self._run_stream(stream, [self.events.subscribe(on_event, kinds=("activity", "inflight"))])
+
+    # -- profiles ----------------------------------------------------------------------------
+
+    @app.route("/api/profiles", methods=["GET"])
+    def profiles(self, request: IRequest) -> bytes:
+        profiles = [{"id": name, "description": p.description,
+                     "pins": {k: (v if v is not None else "") for k, v in p.pins.items()}}
+                    for name, p in sorted(self.config.profiles.items())]
+        return send_json(request, {"active": self.runtime.active_profile, "profiles": profiles})
+
+    @app.route("/api/profiles/active", methods=["PUT"])
+    def set_profile(self, request: IRequest) -> bytes:
+        try:
+            doc = json.loads(request.content.read() or b"null")
+        except ValueError:
+            return send_error(request, 400, "invalid profile request")
+        if not isinstance(doc, dict):
+            return send_error(request, 400, "invalid profile request")
+        if "name" not in doc:
+            return send_error(request, 400, "profile name is required")
+        name = doc["name"]
+        if name is not None and not isinstance(name, str):
+            return send_error(request, 400, "profile name must be a string or null")
+        if name == "":
+            name = None
+        if name is not None and name not in self.config.profiles:
+            return send_error(request, 404, f"profile {name!r} not found".replace("'", '"'))
+        runtime = self.runtime
+        if runtime.active_profile != name:
+            runtime.active_profile = name
+            self.events.publish("profileChanged", {"active": name})
+        return send_json(request, {"active": name})
 
     @app.route("/api/inflight/<entry_id>/cancel", methods=["POST"])
     def cancel_inflight(self, request: IRequest, entry_id: str) -> bytes:

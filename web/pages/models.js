@@ -113,7 +113,7 @@ function ProfilesCard() {
   const profiles = useStore((s) => s.access.profiles);
   const active = useStore((s) => s.profile.active);
   const [error, setError] = useState(null);
-  if (!profiles || !Array.isArray(profiles.profiles)) return null;
+  if (!profiles || !Array.isArray(profiles.profiles) || !profiles.profiles.length) return null;
   const current = profiles.profiles.find((p) => p.id === active);
   const choose = async (name) => {
     setError(null);

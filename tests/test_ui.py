@@ -190,7 +190,7 @@ class UiTestCase(TestCase):
             if isinstance(selectable, tcp.Server) and selectable.getHost().port == port:
                 selectable.abortConnection()
         for channel in getattr(self, "channels", ()):  # paused ones are neither readers nor writers
-            transport = getattr(channel, "transport", None)
+            transport = getattr(getattr(channel, "_channel", channel), "transport", None)  # the HTTP/1.1 channel
             if transport is not None and transport.connected:
                 transport.abortConnection()
         yield task.deferLater(reactor, 0, lambda: None)

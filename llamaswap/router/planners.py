@@ -337,15 +337,8 @@ class BudgetPlanner:
             return plan
         pressure = self._describe(used, over)
         chosen: list[tuple[str, str]] = []
-        for m in self._order(staying, usage):
-            if not over:
-                break
-            frees = self.footprint(m, usage)
-            if not any(frees[r] > 0 for r in over):
-                continue
-            for r, amount in frees.items():
-                used[r] -= amount
-            over = self._over(used)
+        names, over = self._free_until_fits(self._order(staying, usage), used, usage)
+        for m in names:
             tier = self._tier(m, usage)
             if tier == _IDLE:
                 kind = "least recently used idle model"
@@ -369,22 +362,28 @@ class BudgetPlanner:
         requests in flight, within ``minResident`` or in ``keep`` count
         towards the use but are never chosen (for a capacity lowered by a
         reload: the next load evicts the rest)."""
-        used = self.used(running, usage)
+        candidates = [m for m in self._order(running, usage)
+                      if m not in keep and not usage.in_flight.get(m, 0) and not usage.young.get(m, 0) > 0]
+        chosen, _ = self._free_until_fits(candidates, self.used(running, usage), usage)
+        return tuple(chosen)
+
+    def _free_until_fits(self, candidates: Iterable[str], used: dict, usage: Usage) -> tuple[list[str], list[str]]:
+        """Take ``candidates`` in order, each only if it frees a resource that is
+        over capacity, until none is (``used`` is updated); returns the models
+        taken and the resources still over."""
         over = self._over(used)
-        out: list[str] = []
-        for m in self._order(running, usage):
+        chosen: list[str] = []
+        for m in candidates:
             if not over:
                 break
-            if m in keep or usage.in_flight.get(m, 0) > 0 or usage.young.get(m, 0) > 0:
-                continue
             frees = self.footprint(m, usage)
             if not any(frees[r] > 0 for r in over):
                 continue
             for r, amount in frees.items():
                 used[r] -= amount
             over = self._over(used)
-            out.append(m)
-        return tuple(out)
+            chosen.append(m)
+        return chosen, over
 
     def can_coexist(self, models: AbstractSet[str]) -> bool:
         """The inner planner lets ``models`` run together and their declared

@@ -64,7 +64,8 @@ class _Front(Resource):
 
 
 def _connect(front: Resource) -> tuple:
-    site = AccessLogSite(front, Clock())
+    clock = Clock()
+    site = AccessLogSite(front, clock, reactor=clock)  # the channels' idle timers on the Clock, not the reactor
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     protocol.makeConnection(transport)

@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.test_e2e import free_port, pid_alive, wait_until
+from tests.test_e2e import free_port, free_run, pid_alive, wait_until
 
 PY = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ class SighupStormTests(TestCase):
 
     @defer.inlineCallbacks
     def test_twenty_sighups_in_two_seconds(self):
-        port, model_port = free_port(), free_port()
+        port, model_port = free_port(), free_run(1)
         state = os.path.abspath(self.mktemp())
         os.makedirs(state)
         config = os.path.join(state, "config.yaml")

@@ -28,6 +28,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from tests.test_e2e import free_port, free_run
+
 from llamaswap.config import load_config
 from llamaswap.process import ChildRegistry
 from llamaswap.sdnotify import ListeningEndpoint, Notifier, ReadyNotifier
@@ -35,12 +37,6 @@ from llamaswap.service import build_service
 
 PY = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def short_dir(case) -> str:
@@ -60,7 +56,7 @@ def monotonic_usec() -> int:
 
 def config_text(*models: str) -> str:
     responder = f"{PY} -m llamaswap.testing.responder --port ${{PORT}} --id ${{MODEL_ID}} --silent"
-    lines = [f"startPort: {free_port()}", "healthCheckTimeout: 15", "models:"]
+    lines = [f"startPort: {free_run()}", "healthCheckTimeout: 15", "models:"]
     lines += [f'  {m}: {{cmd: "{responder}"}}' for m in models]
     return "\n".join(lines) + "\n"
 

@@ -80,6 +80,13 @@ def shots_dir() -> str:
     return path
 
 
+PROFILES = """
+        profiles:
+          coding: {description: A for code, pins: {code: A, old: ~}}
+          quiet: {pins: {chat: B}}
+"""
+
+
 def config(extra: str = "") -> str:
     return f"""
         healthCheckTimeout: 15
@@ -96,7 +103,7 @@ def config(extra: str = "") -> str:
           hidden:
             cmd: "{responder()}"
             unlisted: true
-    """
+    """ + (PROFILES if "profiles" not in extra else "")
 
 
 class Browser:
@@ -381,14 +388,14 @@ class ModelsPageTests(UiTestCase):
         self.assertIn("No profile active", (yield self.text("#profiles")))
         yield self.select('select[name="profile"]', "coding")
         yield self.wait_css("#profiles table", text="code")
-        self.assertEqual(site.resource.active, "coding")
+        self.assertEqual(self.service.runtime.active_profile, "coding")
         self.assertIn("(disabled)", (yield self.text("#profiles table")))
         # the header's switch follows (profileChanged from the event stream)
         yield self.wait_for(lambda d: d.execute_script(
             "return document.querySelector('select[name=header_profile]').value") == "coding", what="header switch")
         yield self.select('select[name="header_profile"]', "")
         yield self.wait_css("#profiles", text="No profile active")
-        self.assertIsNone(site.resource.active)
+        self.assertIsNone(self.service.runtime.active_profile)
         self.assertEqual((yield self.console_errors()), [])
 
     @defer.inlineCallbacks
@@ -401,9 +408,9 @@ class ModelsPageTests(UiTestCase):
 
 
 class FederationShim(Resource):
-    """What the federation issue adds to the API, as its shapes say (``GET /api/profiles``,
-    ``PUT /api/profiles/active``, a selector in ``/v1/models``), in front of the real
-    app: the UI's profile and selector cards are built against these shapes."""
+    """What the federation issue still has to add to the API, as its shapes say
+    (a selector in ``/v1/models``), in front of the real app: the UI's
+    selectors card is built against that shape.  Profiles are the real ones."""
 
     isLeaf = True
 
@@ -411,17 +418,8 @@ class FederationShim(Resource):
         super().__init__()
         self.inner = inner
         self.service = service
-        self.active = None
-        self.profiles = [{"id": "coding", "description": "A for code", "pins": {"code": "A", "old": ""}},
-                         {"id": "quiet", "description": "", "pins": {"chat": "B"}}]
 
     def render(self, request):
-        if request.path == b"/api/profiles":
-            return self.json(request, {"active": self.active, "profiles": self.profiles})
-        if request.path == b"/api/profiles/active" and request.method == b"PUT":
-            self.active = json.loads(request.content.read())["name"]
-            self.service.events.publish("profileChanged", {"active": self.active})
-            return self.json(request, {"active": self.active})
         if request.path == b"/v1/models":
             records = self.service.api.model_records()
             records.append({"id": "smart", "object": "model", "owned_by": "llama-swap", "status": {"value": "unloaded"},

@@ -27,6 +27,21 @@ CORS_DEFAULT_HEADERS = "Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
+class _Derived:
+    """A value built from one config field, rebuilt only when a reload
+    replaces that field (compared by identity: configs are immutable)."""
+
+    def __init__(self, build: Callable):
+        self.build = build
+        self.source: object = _Derived
+        self.value = None
+
+    def __call__(self, source):
+        if source is not self.source:
+            self.value, self.source = self.build(source), source
+        return self.value
+
+
 class FrontResource(Resource):
     """CORS preflight, who is asking (client address, API key's principal)
     and what they may call, before the Klein routes."""
@@ -41,25 +56,16 @@ class FrontResource(Resource):
         self.inner = inner
         self.config = config
         self.clock = clock
-        self._trusted: Optional[TrustedProxies] = None
-        self._keyring: Optional[Keyring] = None
-        self._keys_source: Optional[tuple] = None
+        self._trusted = _Derived(TrustedProxies)
+        self._keyring = _Derived(Keyring)
 
     def trusted(self) -> TrustedProxies:
-        networks = self.config().trusted_proxies
-        if self._trusted is None or self._trusted.source != networks:
-            self._trusted = TrustedProxies(networks)
-            self._trusted.source = networks
-        return self._trusted
+        return self._trusted(self.config().trusted_proxies)
 
     def keyring(self) -> Keyring:
         """The configured keys; rebuilt when a reload changes them (the next
         request uses the new keys, requests in flight keep their verdict)."""
-        keys = self.config().api_keys
-        if self._keyring is None or self._keys_source is not keys:
-            self._keyring = Keyring(keys)
-            self._keys_source = keys
-        return self._keyring
+        return self._keyring(self.config().api_keys)
 
     def verdict(self, request: IRequest, method: bytes, path: bytes) -> Verdict:
         """Who is asking and whether the route is theirs: decided once per

@@ -11,6 +11,27 @@ import { Markdown } from "../components/markdown.js";
 import { deltaOf, replyOf } from "../components/capture.js";
 import { useModelRecords } from "./models.js";
 
+/** A form's submit for one request: busy while it runs, then ``{...result}``
+ * or ``{error}``.  ``work`` returns the result (or undefined to do nothing). */
+function useSubmit() {
+  const [result, setResult] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const submit = (work) => async (e) => {
+    e.preventDefault();
+    setBusy(true);
+    setResult(null);
+    try {
+      const value = await work();
+      if (value !== undefined) setResult(value);
+    } catch (err) {
+      setResult({ error: err });
+    } finally {
+      setBusy(false);
+    }
+  };
+  return { result, busy, submit };
+}
+
 export const ENDPOINTS = [
   ["/v1/chat/completions", "Chat completions (OpenAI)"],
   ["/v1/responses", "Responses (OpenAI)"],
@@ -222,36 +243,22 @@ function ImagesTab({ records }) {
   const [sampler, setSampler] = useState("");
   const [count, setCount] = useState("1");
   const [loras, setLoras] = useState([]);
-  const [result, setResult] = useState(null);
-  const [busy, setBusy] = useState(false);
+  const { result, busy, submit } = useSubmit();
   useEffect(() => {
     setLoras([]);
     if (api !== "sdapi" || !model) return;
     getJSON(`/sdapi/v1/loras?model=${encodeURIComponent(model)}`).then((doc) => setLoras(Array.isArray(doc) ? doc : doc.loras || []), () => setLoras([]));
   }, [api, model]);
-  const run = async (e) => {
-    e.preventDefault();
-    setBusy(true);
-    setResult(null);
+  const run = submit(async () => {
     const [width, height] = size.split("x").map(Number);
-    try {
-      let images = [];
-      let doc;
-      if (api === "sdapi") {
-        doc = await postJSON("/sdapi/v1/txt2img", { model, prompt, negative_prompt: negative || undefined, width, height,
-          steps: Number(steps), cfg_scale: Number(cfg), sampler_name: sampler || undefined, batch_size: Number(count) });
-        images = (doc.images || []).map((b64) => `data:image/png;base64,${b64}`);
-      } else {
-        doc = await postJSON("/v1/images/generations", { model, prompt, n: Number(count), size, response_format: "b64_json" });
-        images = (doc.data || []).map((d) => (d.b64_json ? `data:image/png;base64,${d.b64_json}` : d.url)).filter(Boolean);
-      }
-      setResult({ images, doc });
-    } catch (err) {
-      setResult({ error: err });
-    } finally {
-      setBusy(false);
+    if (api === "sdapi") {
+      const doc = await postJSON("/sdapi/v1/txt2img", { model, prompt, negative_prompt: negative || undefined, width, height,
+        steps: Number(steps), cfg_scale: Number(cfg), sampler_name: sampler || undefined, batch_size: Number(count) });
+      return { images: (doc.images || []).map((b64) => `data:image/png;base64,${b64}`), doc };
     }
-  };
+    const doc = await postJSON("/v1/images/generations", { model, prompt, n: Number(count), size, response_format: "b64_json" });
+    return { images: (doc.data || []).map((d) => (d.b64_json ? `data:image/png;base64,${d.b64_json}` : d.url)).filter(Boolean), doc };
+  });
   return html`
     <form class="playground" onSubmit=${run}>
       <div class="card">
@@ -293,8 +300,7 @@ function SpeechTab({ records }) {
   const [voice, setVoice] = useState("");
   const [format, setFormat] = useState("mp3");
   const [input, setInput] = useState("");
-  const [result, setResult] = useState(null);
-  const [busy, setBusy] = useState(false);
+  const { result, busy, submit } = useSubmit();
   useEffect(() => {
     setVoices([]);
     if (!model) return;
@@ -305,25 +311,15 @@ function SpeechTab({ records }) {
     }, () => setVoices([]));
   }, [model]);
   useEffect(() => () => { if (result?.url) URL.revokeObjectURL(result.url); }, [result]);
-  const run = async (e) => {
-    e.preventDefault();
-    setBusy(true);
-    setResult(null);
-    try {
-      const response = await request("/v1/audio/speech", { method: "POST", json: { model, input, voice: voice || undefined, response_format: format } });
-      const type = response.headers.get("content-type") || "";
-      if (type.startsWith("audio/") || type === "application/octet-stream") {
-        const blob = await response.blob();
-        setResult({ url: URL.createObjectURL(blob), size: blob.size, type });
-      } else {
-        setResult({ text: await response.text(), type });
-      }
-    } catch (err) {
-      setResult({ error: err });
-    } finally {
-      setBusy(false);
+  const run = submit(async () => {
+    const response = await request("/v1/audio/speech", { method: "POST", json: { model, input, voice: voice || undefined, response_format: format } });
+    const type = response.headers.get("content-type") || "";
+    if (type.startsWith("audio/") || type === "application/octet-stream") {
+      const blob = await response.blob();
+      return { url: URL.createObjectURL(blob), size: blob.size, type };
     }
-  };
+    return { text: await response.text(), type };
+  });
   return html`
     <form class="playground" onSubmit=${run}>
       <div class="card">
@@ -350,34 +346,24 @@ function TranscriptionTab({ records }) {
   const [file, setFile] = useState(null);
   const [language, setLanguage] = useState("");
   const [over, setOver] = useState(false);
-  const [result, setResult] = useState(null);
-  const [busy, setBusy] = useState(false);
+  const { result, busy, submit } = useSubmit();
   const onDrop = (e) => {
     e.preventDefault();
     setOver(false);
     if (e.dataTransfer.files.length) setFile(e.dataTransfer.files[0]);
   };
-  const run = async (e) => {
-    e.preventDefault();
-    if (!file) return;
-    setBusy(true);
-    setResult(null);
+  const run = submit(async () => {
+    if (!file) return undefined;
     const form = new FormData();
     form.append("model", model);
     form.append("file", file, file.name);
     if (language) form.append("language", language);
-    try {
-      const response = await request("/v1/audio/transcriptions", { method: "POST", body: form });
-      const text = await response.text();
-      let doc = null;
-      try { doc = JSON.parse(text); } catch (err) { doc = null; }
-      setResult({ text: doc?.text ?? text, doc });
-    } catch (err) {
-      setResult({ error: err });
-    } finally {
-      setBusy(false);
-    }
-  };
+    const response = await request("/v1/audio/transcriptions", { method: "POST", body: form });
+    const text = await response.text();
+    let doc = null;
+    try { doc = JSON.parse(text); } catch (err) { doc = null; }
+    return { text: doc?.text ?? text, doc };
+  });
   return html`
     <form class="playground" onSubmit=${run}>
       <div class="card">
@@ -406,22 +392,11 @@ function RerankTab({ records }) {
   const [documents, setDocuments] = useState("");
   const [topN, setTopN] = useState("");
   const [view, setView] = useState("table");
-  const [result, setResult] = useState(null);
-  const [busy, setBusy] = useState(false);
+  const { result, busy, submit } = useSubmit();
   const docs = documents.split("\n").map((d) => d.trim()).filter(Boolean);
-  const run = async (e) => {
-    e.preventDefault();
-    setBusy(true);
-    setResult(null);
-    try {
-      const doc = await postJSON("/v1/rerank", { model, query, documents: docs, top_n: topN ? Number(topN) : undefined });
-      setResult({ doc });
-    } catch (err) {
-      setResult({ error: err });
-    } finally {
-      setBusy(false);
-    }
-  };
+  const run = submit(async () => ({
+    doc: await postJSON("/v1/rerank", { model, query, documents: docs, top_n: topN ? Number(topN) : undefined }),
+  }));
   const results = (result?.doc?.results || []).slice().sort((a, b) => (b.relevance_score ?? 0) - (a.relevance_score ?? 0));
   return html`
     <form class="playground" onSubmit=${run}>

@@ -9,6 +9,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_jsonscan import drive_counting
+
 from llamaswap.activity.parse import (
     ParseResult,
     ResponseParser,
@@ -778,14 +780,7 @@ class LongInputTests(SynchronousTestCase):
         self.assertGreater(len(body), parse_module.SCAN_ABOVE)
         parser = ResponseParser(JSON, "", "/v1/embeddings")
         parser.feed(body)
-        steps = parser.finish_steps()
-        yields = 0
-        try:
-            while True:
-                next(steps)
-                yields += 1
-        except StopIteration as done:
-            result = done.value
+        result, yields = drive_counting(parser.finish_steps())
         self.assertGreater(yields, 5)  # the reactor gets turns in between
         self.assertEqual(result, parse(body, path="/v1/embeddings"))
         self.patch(parse_module, "SCAN_ABOVE", 1 << 30)  # the whole-parse path agrees

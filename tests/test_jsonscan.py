@@ -19,6 +19,17 @@ from llamaswap.proxy.filters import (
 from llamaswap.steps import drive, run_in_slices
 
 
+def drive_counting(steps):
+    """Run ``steps`` to the end: ``(its result, how many times it yielded)``."""
+    yields = 0
+    try:
+        while True:
+            next(steps)
+            yields += 1
+    except StopIteration as done:
+        return done.value, yields
+
+
 def random_value(rng: random.Random, depth: int = 0):
     kind = rng.randrange(8 if depth < 4 else 5)
     if kind == 0:
@@ -80,14 +91,7 @@ class ScanTests(SynchronousTestCase):
         big = b"x" * (3 * jsonscan.STEP_BYTES)
         nested = json.dumps({"messages": [{"role": "user", "content": "hi " * 50}] * 3000}).encode()
         body = b'{"input": "' + big + b'", "numbers": [' + b"1.5," * 300000 + b'2], ' + nested[1:-1] + b', "model": "m"}'
-        steps = scan_object(body)
-        yields = 0
-        try:
-            while True:
-                next(steps)
-                yields += 1
-        except StopIteration as done:
-            result = done.value
+        result, yields = drive_counting(scan_object(body))
         self.assertEqual(result.get("model"), "m")
         self.assertEqual([m[0] for m in result.members], ["input", "numbers", "messages", "model"])
         self.assertGreater(yields, len(body) // jsonscan.STEP_BYTES - 2)

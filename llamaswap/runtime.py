@@ -1,32 +1,61 @@
-"""Everything one loaded config runs: processes, the local router, the proxy agent.
+"""Everything the running config runs: processes, the local router, the proxy agents.
 
-A reload builds a new ``Runtime`` and shuts the old one down (llama-swap
-semantics: every model of the old config is stopped), unless it changes
-nothing but resource budgets (:func:`budgets_only`): then the running
-``Runtime`` takes the new config with :meth:`Runtime.apply_budgets`; or
-nothing but API keys (:func:`access_only`, :meth:`Runtime.apply_access`).
+One ``Runtime`` lives as long as the service; a reload hands it the new
+config with :meth:`Runtime.apply`, which changes only what differs
+(``llamaswap.config.diff``), unlike llama-swap, which stops every model:
+
+* a model whose settings are equal keeps its ``Process``, its queue, TTL
+  and requests in flight; one changed only in settings that apply to a
+  running child (TTL, filters, aliases, timeouts, budgets, ...) keeps them
+  too and takes the new settings;
+* a model whose process settings changed (``PROCESS_FIELDS``: ``cmd``,
+  ``proxy``, ``env``, ...) gets a new ``Process``; the old one *retires*
+  (the router finishes its requests in flight, then shuts it down) and the
+  new one starts, on demand, only once the old one is gone;  queued requests
+  wait for the new one;
+* a removed model's process retires the same way; its queued requests fail
+  with 404 "model 'X' was removed from the config";
+* new models are added; the scheduler keeps its queue and counts, plans
+  with the new groups or matrix, and stops only the models that may no
+  longer run with those kept (``llamaswap.router.planners.replan``).
+
+Why one long-lived object rather than a new ``Runtime`` adopting the old
+processes: the scheduler's state (queue, swaps under way, in-flight counts,
+recency, load times) belongs to the models that stay and would otherwise
+have to be moved piece by piece; requests that hold the runtime across an
+``await`` see the same object before and after.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from .config import Config
+from .config import Config, ConfigDiff, ModelConfig, diff
 from .config.types import EMPTY, Resources
 from .events import EventBus
-from .httpclient import upstream_agent
 from .logmon import LogMonitor
 from .perf.footprint import Footprints, FootprintSampler
 from .process import Process, ProcessState
-from .proxy.stream import make_pool
+from .proxy.stream import close_pools, upstream_client
 from .router.local import LocalRouter, RoutingError
+from .router.peers import PeerSet
 
 StateListener = Callable[[str, str, str], None]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`Runtime.apply` did: the config diff, and the models it
+    stopped because they may no longer run with the others (groups or
+    matrix changed) or no longer fit a lowered capacity."""
+
+    change: ConfigDiff
+    evicted: frozenset
 
 
 class Runtime:
@@ -40,31 +69,32 @@ class Runtime:
         self.upstream_log = upstream_log if upstream_log is not None else LogMonitor()
         self.on_state = on_state
         self.events = events if events is not None else EventBus()
-        self.processes: dict[str, Process] = {}
-        for model_id, model in config.models.items():
-            self.processes[model_id] = Process(
-                reactor, model, upstream_log=self.upstream_log, on_state=self._state_changed,
-                registry=registry,
-            )
+        self.registry = registry
+        self.processes: dict[str, Process] = {m: self._process(model) for m, model in config.models.items()}
         # measured GPU memory per model (only with resources.capacity configured)
         self.footprints = Footprints(reactor, config, self.processes, footprint_sampler,
                                      publish=self.events.publish)
         self.router = LocalRouter(reactor, config, self.processes, events=self.events,
                                   footprints=self.footprints)
-        # one Agent per model, with its model's connect timeout, over a pool per
-        # distinct (idleConn, keepalive, tlsHandshake): those are the pool's connections' settings
-        self.pools: dict[tuple, HTTPConnectionPool] = {}
-        self.agents: dict[str, Agent] = {}
+        # one client per model, with its model's connect timeout, over a pool per distinct
+        # (kind, idleConn, keepalive, tlsHandshake): those are the pool's connections' settings
+        self.pools: dict[tuple, object] = {}
+        self.agents: dict[str, object] = {}
         for model_id, model in config.models.items():
-            t = model.timeouts
-            key = (t.idle_conn, t.keepalive, t.tls_handshake)
-            pool = self.pools.get(key)
-            if pool is None:
-                pool = self.pools[key] = make_pool(reactor, idle=t.idle_conn, keepalive=t.keepalive,
-                                                   tls_handshake=t.tls_handshake)
-            self.agents[model_id] = upstream_agent(reactor, pool, t.connect or None)
+            self.agents[model_id] = upstream_client(reactor, self.pools, model.proxy, model.timeouts)
+        self.peers = PeerSet(reactor, config, publish=self.events.publish)  # never swap, never queue
         self.closed = False
         self.active_profile: Optional[str] = None  # runtime state: none at start and after a reload
+
+    def _process(self, model: ModelConfig, logmon: Optional[LogMonitor] = None) -> Process:
+        return Process(self.reactor, model, upstream_log=self.upstream_log, on_state=self._state_changed,
+                       registry=self.registry, logmon=logmon)
+
+    def _agent(self, model: ModelConfig) -> object:
+        """The client for ``model`` (see ``upstream_client``).  Pools live as
+        long as the runtime: a reload may leave requests in flight on one that
+        no model uses any more."""
+        return upstream_client(self.reactor, self.pools, model.proxy, model.timeouts)
 
     def _state_changed(self, process: Process, old: ProcessState, new: ProcessState) -> None:
         if new is ProcessState.READY:
@@ -76,40 +106,62 @@ class Runtime:
         if self.on_state is not None:
             self.on_state(process.model.id, str(old), str(new))
 
-    def preload(self) -> defer.Deferred:
-        """Load ``hooks.on_startup.preload`` models in order (through the scheduler)."""
+    def preload(self, models: Optional[Iterable[str]] = None, what: str = "preload") -> defer.Deferred:
+        """Load ``models`` (default ``hooks.on_startup.preload``) in order
+        (through the scheduler); ``what`` names it in the log."""
+        models = tuple(self.config.preload if models is None else models)
 
         async def run() -> None:
-            for model_id in self.config.preload:
+            for model_id in models:
                 if self.closed:
                     return
                 try:
                     grant = await self.router.request(model_id)
                 except RoutingError as e:
-                    self.log.warn("preload of {model} failed: {error}", model=model_id, error=e.message)
+                    self.log.warn("{what} of {model} failed: {error}", what=what, model=model_id, error=e.message)
                     continue
                 grant.release()
-                self.log.info("preloaded {model}", model=model_id)
+                self.log.info("{what} of {model} done", what=what, model=model_id)
 
         return defer.ensureDeferred(run())
 
-    def apply_budgets(self, config: Config) -> frozenset:
-        """Take ``config``, which differs from the running one only in
-        budgets (see ``budgets_only``), without stopping models that still
-        fit; returns the idle models stopped because they no longer do."""
+    def apply(self, config: Config, grace: float = 30.0) -> Applied:
+        """Take ``config`` (a reload), changing only what differs from the
+        running one (see the module docstring); old processes of changed or
+        removed models get ``grace`` seconds from SIGTERM to SIGKILL once
+        their requests in flight are done.  No profile is active after it.
+        Preloads the ``hooks.on_startup.preload`` models that are new or
+        restarted, and loads a restarted model again when it was loaded.
+        Returns what changed."""
+        change = diff(self.config, config)
+        retire = []
+        for model_id in sorted(change.removed):
+            retire.append(self.processes.pop(model_id))
+            self.agents.pop(model_id, None)
+        for model_id in sorted(change.restart):
+            old = self.processes[model_id]
+            retire.append(old)
+            # the same log: /logs/stream/<model> goes on with the new process
+            self.processes[model_id] = self._process(config.models[model_id], logmon=old.logmon)
+        for model_id in sorted(change.added):
+            self.processes[model_id] = self._process(config.models[model_id])
+        for model_id, model in config.models.items():
+            if model_id not in change.added and model_id not in change.restart:
+                self.processes[model_id].update_model(model)
+            if model_id in change.changed or model_id in change.added:
+                self.agents[model_id] = self._agent(model)
         self.config = config
         self.active_profile = None
-        for model_id, process in self.processes.items():
-            process.model = config.models[model_id]
-        self.footprints.reconfigure(config)
-        return self.router.apply_budgets(config)
-
-    def apply_access(self, config: Config) -> None:
-        """Take ``config``, which differs from the running one only in who may
-        ask (see ``access_only``): models, queues and requests in flight are
-        untouched; the next request is decided with the new keys."""
-        self.config = config
-        self.active_profile = None
+        self.peers = self.peers.apply(config)
+        self.footprints.reconfigure(config, forget=change.removed | change.restart)
+        # a restarted model that was loaded is loaded again (once its old process is gone)
+        reload = [p.model.id for p in retire if p.model.id in change.restart and p.model.id not in config.preload
+                  and p.state in (ProcessState.STARTING, ProcessState.READY)]
+        evicted = self.router.apply(config, self.processes, retire, grace)
+        fresh = change.added | change.restart
+        self.preload([m for m in config.preload if m in fresh])
+        self.preload(reload, "reload")
+        return Applied(change, frozenset(evicted))
 
     def pinned(self, requested: str) -> "tuple[bool, Optional[str]]":
         """The active profile's pin for ``requested``: ``(False, requested)``
@@ -123,11 +175,13 @@ class Runtime:
     def shutdown(self, grace: float = 30.0) -> defer.Deferred:
         self.closed = True
         self.footprints.close()
+        peers_closed = self.peers.close(grace)  # meanwhile: waits for peer requests in flight
         d = self.router.shutdown(grace)
 
         def close(_):
             closes = [p.close() for p in self.processes.values()]
-            closes.extend(pool.closeCachedConnections() for pool in self.pools.values())
+            closes.extend(close_pools(self.pools))
+            closes.append(peers_closed)
             return defer.gatherResults(closes, consumeErrors=True)
 
         return d.addBoth(close).addCallback(lambda _: None)

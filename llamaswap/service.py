@@ -21,7 +21,8 @@ from .activity.captures import CaptureStore
 from .activity.store import ActivityStore
 from prometheus_client import CollectorRegistry
 
-from .config import Config, ConfigError, defaults, diff, load_config
+from .config import Config, ConfigError, defaults, load_config
+from .config.diff import restart_settings
 from .metrics import InferenceMetrics
 from .perf import PerfMonitor, SystemCollector
 from .events import EventBus
@@ -74,8 +75,9 @@ class LlamaSwapService(MultiService):
                                 inflight=self.inflight, activity=self.activity, captures=self.captures,
                                 metrics=self.metrics, registry=self.prometheus, perf=self.perf)
         self._reloading = False
+        self._reload_again = False  # asked for while one was being applied
+        self._reload_call = None  # a reload scheduled by request_reload
         self._observing = False
-        self._retiring: set = set()  # shutdowns of runtimes replaced by a reload
 
     @property
     def config(self) -> Config:
@@ -114,9 +116,10 @@ class LlamaSwapService(MultiService):
         self.api.close_streams()
         yield defer.maybeDeferred(super().stopService)
         yield self.drain(SHUTDOWN_GRACE)
+        if self._reload_call is not None and self._reload_call.active():
+            self._reload_call.cancel()
+        self._reload_call = None
         yield self.runtime.shutdown(SHUTDOWN_GRACE)
-        if self._retiring:
-            yield self.all_retired()
         yield self.activity.close()
         if self.perf is not None:
             yield self.perf.stop()
@@ -124,19 +127,34 @@ class LlamaSwapService(MultiService):
             globalLogPublisher.removeObserver(self.hub)
             self._observing = False
 
-    def all_retired(self) -> defer.Deferred:
-        """Fires once every runtime replaced by a reload has stopped its models."""
-        return defer.DeferredList(list(self._retiring), consumeErrors=True).addCallback(lambda _: None)
+    def request_reload(self) -> None:
+        """Reload soon (SIGHUP): however many requests arrive before that
+        reload runs, or while one is being applied, make one reload more."""
+        if self._reloading:
+            self._reload_again = True
+        elif self._reload_call is None or not self._reload_call.active():
+            self._reload_call = self.reactor.callLater(0, self._scheduled_reload)
+
+    def _scheduled_reload(self) -> None:
+        self._reload_call = None
+        self.reload()
 
     def reload(self) -> bool:
-        """Load the config again; on error keep the old one.  True if applied.
+        """Load the config again; on error keep the old one (every error is
+        logged).  True if applied.
 
-        As llama-swap, every model of the old config is stopped; the new
-        config's models start only once that is done (ports, GPU memory).
-        Except when only resource budgets changed (``budgets_only``): then
-        the running models stay, and only idle ones that no longer fit stop.
+        Unlike llama-swap, which stops every model, only what changed is
+        touched (``Runtime.apply``): models whose settings are unchanged keep
+        their process, queue, TTL and requests in flight; changed and removed
+        models finish their requests in flight and stop; a changed model's new
+        process starts only once its old one is gone.  Settings read only at
+        start-up are logged as ignored until a restart.  A reload asked for
+        while this one is applied runs once after it.
         """
-        if self._reloading or not self.running:
+        if not self.running:
+            return False
+        if self._reloading:
+            self._reload_again = True
             return False
         self._reloading = True
         self.notify.reloading()
@@ -146,44 +164,36 @@ class LlamaSwapService(MultiService):
             except ConfigError as e:
                 self.log.warn("config reload failed, keeping the running config:\n{error}", error=str(e))
                 return False
-            change = diff(self.config, new)
+            old = self.config
+            for key in restart_settings(old, new):
+                self.log.warn("config: {key} changed; the change is ignored until llamaswap restarts", key=key)
+            for warning in new.warnings:
+                self.log.warn("config: {text}", text=warning)
             self.hub.configure(new.log_level, new.log_time_format)
+            if new.log_to_stdout != old.log_to_stdout:
+                self.hub.route(new.log_to_stdout)
             if self.runtime.active_profile is not None:  # no profile is active after a reload
                 self.events.publish("profileChanged", {"active": None})
-            if access_only(self.config, new):  # new keys for the next request; nothing stops
-                self.runtime.apply_access(new)
-                self.events.publish("configReloaded", {"added": [], "removed": [], "changed": [], "access": True})
-                self.log.info("config reloaded: API keys only ({n} key(s)), models kept running",
-                              n=len(new.api_keys))
-                return True
-            if budgets_only(self.config, new):  # models keep running; only those that no longer fit stop
-                trimmed = self.runtime.apply_budgets(new)
-                self.events.publish("configReloaded", {"added": [], "removed": [], "changed": sorted(change.changed),
-                                                       "budgets": True, "evicted": sorted(trimmed)})
-                self.log.info("config reloaded: budgets only, models kept running; evicted to fit: {evicted}",
-                              evicted=sorted(trimmed) or "none")
-                return True
-            old = self.runtime
-            retired = old.shutdown(SHUTDOWN_GRACE)
-            retired.addErrback(lambda f: self.log.failure("stopping the old config's models failed", f))
-            self._retiring.add(retired)
-            retired.addBoth(lambda result: self._retiring.discard(retired))
-            self.runtime = Runtime(self.reactor, new, self.upstream_log, self.registry, events=self.events,
-                                   footprint_sampler=self.footprint_sampler)
-            # every older generation still stopping (not just the one replaced now:
-            # quick successive reloads leave several) must be gone first
-            self.runtime.router.hold_starts_until(self.all_retired())
-            self.runtime.preload()
-            self.events.publish("configReloaded", {"added": sorted(change.added), "removed": sorted(change.removed),
-                                                   "changed": sorted(change.changed)})
+            what = "API keys only" if access_only(old, new) else "budgets only" if budgets_only(old, new) else ""
+            applied = self.runtime.apply(new, SHUTDOWN_GRACE)
+            change = applied.change
+            kept = sorted(set(new.models) - change.added - change.restart)
+            self.events.publish("configReloaded", {
+                "added": sorted(change.added), "removed": sorted(change.removed), "changed": sorted(change.changed),
+                "restarted": sorted(change.restart), "evicted": sorted(applied.evicted)})
             self.log.info(
-                "config reloaded: added={added} removed={removed} changed={changed}",
-                added=sorted(change.added), removed=sorted(change.removed), changed=sorted(change.changed),
-            )
+                "config reloaded{what}: added={added} removed={removed} restarted={restarted} "
+                "updated in place={updated} kept={kept} evicted={evicted}",
+                what=f" ({what})" if what else "", added=sorted(change.added), removed=sorted(change.removed),
+                restarted=sorted(change.restart), updated=sorted(change.updated), kept=kept,
+                evicted=sorted(applied.evicted))
             return True
         finally:
             self._reloading = False
             self.notify.ready()  # applied or not, the config in force serves
+            if self._reload_again:
+                self._reload_again = False
+                self.request_reload()
 
 
 class ConfigWatcher(TimerService):
@@ -232,7 +242,9 @@ def _stat(path: str):
 
 
 class SighupReload(Service):
-    """SIGHUP reloads the config (without it, SIGHUP would end the process)."""
+    """SIGHUP reloads the config (without it, SIGHUP would end the process);
+    signals that arrive before that reload runs, or while one is applied,
+    make one reload (``LlamaSwapService.request_reload``)."""
 
     def __init__(self, root: LlamaSwapService):
         self.root = root
@@ -243,7 +255,7 @@ class SighupReload(Service):
         self._previous = signal.signal(signal.SIGHUP, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        self.root.reactor.callFromThread(self.root.reload)
+        self.root.reactor.callFromThread(self.root.request_reload)
 
     def stopService(self):
         if self._previous is not None:

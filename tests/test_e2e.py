@@ -526,10 +526,10 @@ class ReloadTests(Harness):
         from llamaswap.service import ConfigWatcher
 
         path = self.mktemp()
-        text = f"startPort: {free_run()}\n" + textwrap.dedent(AB)
+        self.start(AB)
+        text = f"startPort: {self.service.config.start_port}\n" + textwrap.dedent(AB)
         with open(path, "w") as f:
             f.write(text)
-        self.start(AB)
         self.service.config_path = path
         watcher = ConfigWatcher(self.service, interval=0.2)
         watcher.setServiceParent(self.service)
@@ -538,10 +538,10 @@ class ReloadTests(Harness):
         with open(path, "w") as f:
             f.write(text + f"  C: {{cmd: \"{responder('--respond C')}\"}}\n")
         yield self.wait_for(lambda: "C" in self.service.config.models)
-        yield self.wait_for(lambda: not pid_alive(pid))
         _, body = yield self.get("/v1/models")
         self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["A", "B", "C"])
-        self.assertEqual((yield self.running()), {})
+        self.assertEqual((yield self.running()), {"A": "ready"})  # unchanged: kept running (unlike llama-swap)
+        self.assertEqual(self.runtime.processes["A"].pid, pid)
         response, body = yield self.chat("C")
         self.assertEqual(json.loads(body)["responseMessage"], "C")
 
@@ -549,10 +549,11 @@ class ReloadTests(Harness):
     def test_reload_starts_new_models_after_old_ones_stopped(self):
         path = self.mktemp()
         self.start(AB)
-        # the same config again, so the new A wants the same port as the old A
+        # A changed, on the same port: its new process may start only once the old one is gone
         self.service.config_path = path
         with open(path, "w") as f:
-            f.write(f"startPort: {self.service.config.models['A'].port}\n" + textwrap.dedent(AB))
+            f.write(f"startPort: {self.service.config.models['A'].port}\n"
+                    + textwrap.dedent(AB).replace("--respond A", "--respond A2"))
         yield self.chat("A")
         old_pid = self.runtime.processes["A"].pid
         self.assertTrue(self.service.reload())
@@ -608,7 +609,7 @@ class ReloadTests(Harness):
         self.assertEqual(json.loads(body)["responseMessage"], "gen4")
         self.assertEqual(overlaps, [])
         self.assertFalse(pid_alive(old_pids[0]))
-        self.assertEqual(self.service._retiring, set())
+        self.assertEqual(self.runtime.router.retiring("A"), [])
 
 
 class UploadGuardTests(Harness):

@@ -385,13 +385,18 @@ class GarbageTests(ClientFaults):
                                                   b"HTTP/1.1 431 Request Header Fields Too Large"), name)
         print("\n" + "\n".join(f"{name}: {status_line(data).decode('latin-1') or 'closed'}"
                                for name, (data, _) in zip(cases, results)))
-        # a huge chunk size: what comes beyond maxRequestBodyBytes is dropped, not stored (the
-        # chunk never ends, so the connection waits for Twisted's 60 s idle timeout)
+        # a chunk size beyond 64 bits: refused as it is read, nothing of it stored
         huge = yield self.connect(post + b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF\r\n")
         huge.transport.write(b"x" * 200_000)
+        self.assertTrue((yield huge.when_lost(5)))
+        self.assertEqual(status_line(huge.received), b"HTTP/1.1 400 Bad Request")
+        # a big chunk size: what comes beyond maxRequestBodyBytes is dropped, not stored (the
+        # chunk never ends: the connection stays until the client goes)
+        big = yield self.connect(post + b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFF\r\n")
+        big.transport.write(b"x" * 200_000)
         yield self.assert_serving(rounds=1)
-        channel = self.server_end(huge.local_port).protocol._channel
-        self.assertEqual(type(channel.requests[-1].content).__name__, "_Discard")  # nothing kept
+        channel = self.server_end(big.local_port).protocol
+        self.assertEqual(type(channel.queue[-1].request.content).__name__, "_Discard")  # nothing kept
         # a truncated body, then the client disconnects
         truncated = yield self.connect(post + b"Content-Length: 5000\r\n\r\n{\"model\": \"A\"", close_after=True)
         self.assertTrue((yield truncated.when_lost(5)))

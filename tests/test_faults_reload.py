@@ -103,16 +103,18 @@ class SighupStormTests(TestCase):
             yield task.deferLater(reactor, 0.1, lambda: None)
         self.assertTrue(pid_alive(self.pid), "llama-swap died of the SIGHUPs")
 
-        # the storm settles: exactly one generation's model runs, and it serves
-        yield self.wait_for(lambda: len(self.responders()) == 1 and self.responders() != first)
+        # the storm settles: the config did not change, so the model kept running and serves
+        yield self.wait_for(lambda: b"".join(self.child.output).count(b"config reloaded") >= 1)
+        self.assertEqual(self.responders(), first)
         response = yield treq.post(self.base + "/v1/chat/completions", json.dumps({"model": "A", "messages": []}).encode(),
                                    headers={"Content-Type": "application/json"}, pool=self.pool, timeout=10)
         self.assertEqual(response.code, 200)
         yield response.content()
-        self.assertEqual(len(self.responders()), 1)
-        self.assertFalse(any(pid_alive(pid) for pid in first))
+        self.assertEqual(self.responders(), first)
         output = b"".join(self.child.output)
-        self.assertEqual(output.count(b"config reloaded"), 20)
+        # signals that arrive while a reload is pending or applied are coalesced: never more than one each
+        self.assertTrue(1 <= output.count(b"config reloaded") <= 20, output.count(b"config reloaded"))
+        self.assertNotIn(b"restarted=['A']", output)
 
         # an orderly stop leaves no model server behind
         last = self.responders()

@@ -318,9 +318,9 @@ class TimeoutKeyTests(FaultHarness):
 
         def upstream_socket(model):
             t = self.runtime.config.models[model].timeouts
-            pool = self.runtime.pools[(t.idle_conn, t.keepalive, t.tls_handshake)]
-            [connections] = pool._connections.values()
-            return raw_socket(connections[0].transport)
+            pool = self.runtime.pools[(True, t.idle_conn, t.keepalive, t.tls_handshake)]  # plain http: lean
+            [connection] = pool.parked()
+            return raw_socket(connection.transport)
 
         a, b = upstream_socket("A"), upstream_socket("B")
         self.assertEqual(a.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)

@@ -5,19 +5,17 @@ private names below (see each module for why).  setup.cfg pins the Twisted
 range they are known to work with; when an upgrade renames or changes one,
 a test here fails and names it, instead of a feature quietly degrading:
 
-* ``HTTPChannel._command`` / ``_path``: the request line before the body is
-  in (``access.request_line``: API keys and body size checked early);
-* ``HTTPChannel._receivedHeaderSize`` and ``_respondToBadRequestAndDisconnect``
-  (``access.LlamaSwapChannel``: 431 for oversized heads, a 400 with a body);
-* ``twisted.web.http._GenericHTTPChannelProtocol`` (``AccessLogSite.protocol``:
-  HTTP/1.1 or HTTP/2 over one listener, as ``Site`` itself does);
 * ``HTTPConnectionPool._factory`` (``httpclient.UpstreamPool``: our own
   protocol for upstream connections);
 * ``StreamServerEndpointService._raiseSynchronously`` (``service.build_service``:
   a bind error fails start-up, as ``strports.service`` arranges).
 
-Also checked: what made a private dependency unnecessary (form bodies are not
-parsed, so Twisted's ``_parseContentType`` is never on our path).
+Also checked: what made a private dependency unnecessary.  Form bodies are
+not parsed, so Twisted's ``_parseContentType`` is never on our path; the
+HTTP/1.1 server channel is our own (``llamaswap.server.fast``, on httptools),
+so ``HTTPChannel``'s ``_command``/``_path``, ``_receivedHeaderSize``,
+``_respondToBadRequestAndDisconnect`` and ``_GenericHTTPChannelProtocol`` are
+no longer used; the request-line and refusal tests below keep what they gave.
 """
 
 from __future__ import annotations
@@ -35,7 +33,8 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 
 from llamaswap.httpclient import UpstreamPool, _Protocol, _QuietFactory
-from llamaswap.server.access import AccessLogSite, LlamaSwapChannel, request_line
+from llamaswap.server.access import AccessLogSite, request_line
+from llamaswap.server.fast import FastChannel
 
 
 class _Front(Resource):
@@ -73,25 +72,26 @@ def _connect(front: Resource) -> tuple:
 
 
 class RequestLineTests(SynchronousTestCase):
-    """``HTTPChannel._command`` and ``_path`` hold the request line while the
-    body is still coming, and ``request_line`` reads them."""
+    """The request line is known while the body is still coming (``request_line``),
+    so the front checks API key and size before a body is stored."""
 
     def test_attributes_while_the_body_is_coming(self):
+        front = _Front()
+        protocol, transport = _connect(front)
         seen = []
+        factory = protocol.site.requestFactory
 
-        class Request(http.Request):
-            def gotLength(self, length):
-                seen.append((self.channel._command, self.channel._path, request_line(self)))
-                super().gotLength(length)
+        def request(channel, queued):
+            made = factory(channel, queued=queued)
+            original = made.gotLength
+            made.gotLength = lambda length: (seen.append(request_line(made)), original(length))
+            return made
 
-        channel = http.HTTPChannel()
-        channel.requestFactory = Request
-        channel.makeConnection(StringTransport())
-        channel.dataReceived(b"POST /v1/chat/completions?stream=true HTTP/1.1\r\nHost: x\r\n"
-                             b"Content-Length: 2\r\n\r\n")
-        self.assertEqual(seen, [(b"POST", b"/v1/chat/completions?stream=true",
-                                 (b"POST", b"/v1/chat/completions"))])
-        channel.connectionLost(None)
+        protocol.site.requestFactory = request
+        protocol.dataReceived(b"POST /v1/chat/completions?stream=true HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 2\r\n\r\n")
+        self.assertEqual(seen, [(b"POST", b"/v1/chat/completions")])
+        protocol.site.requestFactory = factory
 
     def test_the_front_checks_before_the_body(self):
         front = _Front()
@@ -115,15 +115,13 @@ class RequestLineTests(SynchronousTestCase):
 
 
 class ChannelTests(SynchronousTestCase):
-    """The private parts of ``HTTPChannel`` that ``LlamaSwapChannel`` overrides or reads."""
+    """What the channel answers to heads it will not serve."""
 
-    def test_received_header_size_counts_the_head(self):
-        channel = LlamaSwapChannel()
-        channel.makeConnection(StringTransport())
-        lines = [b"GET / HTTP/1.1", b"Host: example", b"Accept: */*"]
-        channel.dataReceived(b"\r\n".join(lines) + b"\r\n")
-        self.assertEqual(channel._receivedHeaderSize, sum(len(line) for line in lines))
-        channel.connectionLost(None)
+    def test_the_site_builds_our_channel(self):
+        protocol, transport = _connect(_Front())
+        self.assertIsInstance(protocol, FastChannel)
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"\r\n\r\nok", transport.value())
 
     def test_oversized_head_is_431(self):
         protocol, transport = _connect(_Front())
@@ -131,19 +129,18 @@ class ChannelTests(SynchronousTestCase):
         protocol.dataReceived(b"GET /health HTTP/1.1\r\n" + header * 3 + b"\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
 
-    def test_bad_request_hook(self):
-        self.assertTrue(callable(getattr(http.HTTPChannel, "_respondToBadRequestAndDisconnect", None)))
+    def test_endless_header_line_is_431(self):
+        protocol, transport = _connect(_Front())
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nX-Big: ")
+        for _ in range(10):
+            protocol.dataReceived(b"a" * 8000)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
+
+    def test_bad_request(self):
         protocol, transport = _connect(_Front())
         protocol.dataReceived(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
         self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                                             b"Content-Length: 15\r\nConnection: close\r\n\r\n400 Bad Request")
-
-    def test_generic_channel_wrapper(self):
-        self.assertTrue(hasattr(http, "_GenericHTTPChannelProtocol"))
-        protocol, transport = _connect(_Front())
-        self.assertIsInstance(protocol, http._GenericHTTPChannelProtocol)
-        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertIn(b"\r\n\r\nok", transport.value())
 
 
 class FormParsingTests(SynchronousTestCase):

@@ -28,7 +28,6 @@ import treq
 from twisted.internet import defer, reactor, task, tcp, threads
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.resource import Resource
 
 from llamaswap.config import load_config_text
 from llamaswap.perf import GpuStat, NetIOStat, SysStat
@@ -84,6 +83,12 @@ PROFILES = """
         profiles:
           coding: {description: A for code, pins: {code: A, old: ~}}
           quiet: {pins: {chat: B}}
+"""
+SELECTORS = """
+        groups:
+          pair: {swap: false, members: [A, B]}
+        selectors:
+          smart: {strategy: spillover, targets: [A, B], settings: {spillover: 2}}
 """
 
 
@@ -378,13 +383,17 @@ class ModelsPageTests(UiTestCase):
         self.assertEqual((yield self.console_errors()), [])
 
     @defer.inlineCallbacks
-    def test_profiles_and_selectors_cards(self):
-        self.start(config())
-        site = next(child.factory for child in self.service if hasattr(child, "factory"))
-        site.resource = FederationShim(site.resource, self.service)
+    def test_profiles_selectors_and_peers_cards(self):
+        self.start(config() + SELECTORS + """
+        peers:
+          far: {proxy: "http://127.0.0.1:1", models: [m1], healthCheck: {interval: 30}}
+        """)
         yield self.open("/ui/models", "#profiles")
         yield self.wait_css("#selectors", text="spillover")
         self.assertIn("A", (yield self.text("#selectors")))
+        # nothing listens there: its health check fails, and the page says so (peerStatus, modelStatus)
+        yield self.wait_css('[data-peer="far"] [data-available="false"]')
+        self.assertIn("far/m1", (yield self.text('[data-peer="far"]')))
         self.assertIn("No profile active", (yield self.text("#profiles")))
         yield self.select('select[name="profile"]', "coding")
         yield self.wait_css("#profiles table", text="code")
@@ -405,33 +414,6 @@ class ModelsPageTests(UiTestCase):
         yield self.wait_gone('nav a[href="/ui/performance"]')
         yield self.open("/ui/performance", "#main .banner")
         self.assertIn("off", (yield self.text("#main .banner")))
-
-
-class FederationShim(Resource):
-    """What the federation issue still has to add to the API, as its shapes say
-    (a selector in ``/v1/models``), in front of the real app: the UI's
-    selectors card is built against that shape.  Profiles are the real ones."""
-
-    isLeaf = True
-
-    def __init__(self, inner, service):
-        super().__init__()
-        self.inner = inner
-        self.service = service
-
-    def render(self, request):
-        if request.path == b"/v1/models":
-            records = self.service.api.model_records()
-            records.append({"id": "smart", "object": "model", "owned_by": "llama-swap", "status": {"value": "unloaded"},
-                            "meta": {"llamaswap": {"type": "selector", "strategy": "spillover", "targets": ["A", "B"],
-                                                   "spillover": 2}}})
-            return self.json(request, {"object": "list", "data": records})
-        return self.inner.render(request)
-
-    @staticmethod
-    def json(request, doc):
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(doc).encode()
 
 
 class PlaygroundTests(UiTestCase):
@@ -711,9 +693,7 @@ class ScreenshotTests(UiTestCase):
     @defer.inlineCallbacks
     def test_every_page_light_and_dark_without_console_errors(self):
         started = time.monotonic()
-        self.start(config())
-        site = next(child.factory for child in self.service if hasattr(child, "factory"))
-        site.resource = FederationShim(site.resource, self.service)  # the profiles and selectors cards too
+        self.start(config() + SELECTORS)  # the profiles and selectors cards too
         self.add_perf_samples(6)
         response, _ = yield self.chat("A", "Write a **short** list, and some `code`.")
         self.assertEqual(response.code, 200)

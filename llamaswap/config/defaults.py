@@ -47,6 +47,10 @@ MODEL_TIMEOUTS = {
     "bodyIdle": 0,
 }
 PEER_TIMEOUTS = dict(MODEL_TIMEOUTS, responseHeader=60)
+# llamaswap addition: peers.<id>.healthCheck (off unless the key is there)
+PEER_HEALTH_PATH = "/health"
+PEER_HEALTH_INTERVAL = 10.0  # seconds between checks; a check answers within this or fails
+PEER_HEALTH_INTERVAL_MIN = 0.1
 MODALITIES = ("text", "audio", "image")
 
 # routing
@@ -76,7 +80,7 @@ MEMORY_RELEASE_WAIT = 5.0  # longest a start waits for a stopped model's GPU mem
 MEMORY_RELEASE_POLL = 0.1  # how often NVML is asked meanwhile
 
 # selectors
-SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
+SELECTOR_STRATEGIES = ("warm", "pin", "spillover", "failover")  # failover: llamaswap addition
 SELECTOR_SPILLOVER = 1
 
 # proxy (llamaswap addition: request bodies are read with a bound)

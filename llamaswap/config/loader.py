@@ -26,7 +26,7 @@ from .macros import (
 from .merge import merge
 from .types import (
     ApiKey, Capabilities, Config, KeyLimits, Filters, Group, Matrix, MatrixSet, ModelConfig, Peer,
-    Performance, Profile, Resources, Routing, Selector, Timeouts, freeze,
+    PeerHealthCheck, Performance, Profile, Resources, Routing, Selector, Timeouts, freeze,
 )
 from .yamltree import Lines, YAMLSyntaxError, format_path, parse
 
@@ -372,7 +372,7 @@ class _Builder:
                 name=f.str("name", strip=True),
                 description=f.str("description", strip=True),
                 concurrency_limit=limit,
-                filters=self._filters(f.sub("filters"), model=True),
+                filters=self._filters(f.sub("filters")),
                 macros=tuple(model_macros.get(model_id, ())),
                 metadata=freeze(metadata),
                 send_loading_state=send_loading if loading is None else loading,
@@ -454,19 +454,19 @@ class _Builder:
                     self.p.error(path, f"{model_id!r} alone needs {format_amount(amount, unit)} of {name}, more than "
                                        f"resources.capacity.{name} ({format_amount(capacity[name], unit)})")
 
-    def _filters(self, f: Fields, model: bool) -> Filters:
+    def _filters(self, f: Fields) -> Filters:
+        """A model's or a peer's ``filters``; a peer's
+        ``setParamsByID`` keys are the names requests route to it by
+        (``peer/model``, a bare model, a pin or selector target), never aliases."""
         strip = f.str("stripParams") or f.str("strip_params")
         params = sorted({p.strip() for p in strip.split(",") if p.strip() and p.strip() != "model"})
         set_params = {k: v for k, v in f.mapping("setParams").items() if k != "model"}
         by_id = {}
-        if model:
-            for key, value in f.mapping("setParamsByID").items():
-                if not isinstance(value, dict):
-                    self.p.error(f.at("setParamsByID") + (key,), "must be a mapping of parameters")
-                    continue
-                by_id[key] = {k: v for k, v in value.items() if k != "model"}
-        else:
-            f.read.add("setParamsByID")
+        for key, value in f.mapping("setParamsByID").items():
+            if not isinstance(value, dict):
+                self.p.error(f.at("setParamsByID") + (key,), "must be a mapping of parameters")
+                continue
+            by_id[key] = {k: v for k, v in value.items() if k != "model"}
         f.finish()
         return Filters(tuple(params), freeze(set_params), freeze(by_id))
 
@@ -693,12 +693,34 @@ class _Builder:
             if not models:
                 f.error("models", "must list at least one model")
             peers[peer_id] = Peer(
-                id=peer_id, proxy=proxy.rstrip("/"), models=tuple(models), api_key=f.str("apiKey", strip=True),
-                filters=self._filters(f.sub("filters"), model=False),
+                id=peer_id, proxy=proxy.rstrip("/"), models=tuple(dict.fromkeys(models)),  # twice listed: once
+                api_key=f.str("apiKey", strip=True),
+                filters=self._filters(f.sub("filters")),
                 timeouts=self._timeouts(f.sub("timeouts"), D.PEER_TIMEOUTS),
+                health_check=self._peer_health(f) if f.raw("healthCheck") is not None else None,
             )
             f.finish()
         return peers
+
+    def _peer_health(self, peer: Fields) -> PeerHealthCheck:
+        """``peers.<id>.healthCheck: {path, interval}`` (llamaswap addition)."""
+        f = peer.sub("healthCheck")
+        path = f.str("path", D.PEER_HEALTH_PATH, strip=True)
+        if not path.startswith("/"):
+            f.error("path", f"must start with '/' (got {path!r})")
+            path = D.PEER_HEALTH_PATH
+        interval = D.PEER_HEALTH_INTERVAL
+        raw = f.raw("interval")
+        if raw is not None:
+            parsed = parse_duration(raw)
+            if parsed is None:
+                f.error("interval", f"invalid duration {raw!r} (use e.g. 10s, 1m)")
+            elif parsed < D.PEER_HEALTH_INTERVAL_MIN:
+                f.error("interval", f"must be at least {D.PEER_HEALTH_INTERVAL_MIN:g}s")
+            else:
+                interval = parsed
+        f.finish()
+        return PeerHealthCheck(path, interval)
 
     def _resolves(self, target: str, models, aliases, peers) -> Optional[str]:
         """'local' / 'peer' for a target that names something, else None."""
@@ -720,16 +742,16 @@ class _Builder:
                 self.p.error(f.path, f"name conflicts with model alias {sel_id!r}")
             strategy = f.str("strategy", strip=True)
             if not strategy:
-                f.error("strategy", "is required (warm, pin or spillover)")
+                f.error("strategy", "is required (" + ", ".join(D.SELECTOR_STRATEGIES) + ")")
             elif strategy not in D.SELECTOR_STRATEGIES:
-                f.error("strategy", f"unknown strategy {strategy!r} (valid: warm, pin, spillover)")
+                f.error("strategy", f"unknown strategy {strategy!r} (valid: " + ", ".join(D.SELECTOR_STRATEGIES) + ")")
             targets = f.str_list("targets")
             if not targets:
                 f.error("targets", "must contain at least one entry")
             spillover = f.sub("settings").int("spillover", D.SELECTOR_SPILLOVER)
             if strategy == "spillover" and spillover < 1:
                 self.p.error(f.at("settings") + ("spillover",), "must be >= 1")
-            local, resolved = [], []
+            local, resolved, unknown = [], [], 0
             for i, target in enumerate(targets):
                 path = f.at("targets") + (i,)
                 if target in section.data:
@@ -738,6 +760,7 @@ class _Builder:
                 kind = self._resolves(target, models, aliases, peers)
                 if kind is None:
                     self.p.warn(path, f"selector target {target!r} is not a known model; it will be skipped")
+                    unknown += 1
                     continue
                 if strategy == "warm" and kind != "local":
                     self.p.error(path, "must resolve to a local model for strategy 'warm'")
@@ -749,6 +772,8 @@ class _Builder:
                 if real in resolved and strategy == "spillover":
                     self.p.error(path, f"targets contains duplicate resolved model {real!r}")
                 resolved.append(real)
+            if unknown and not resolved:
+                f.error("targets", "none of the targets is a known model")
             if strategy == "spillover" and len(local) > 1:
                 self._check_coexist(f, local, routing)
             out[sel_id] = Selector(

@@ -167,6 +167,15 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class PeerHealthCheck:
+    """``peers.<id>.healthCheck``: ``GET <proxy><path>`` every ``interval``
+    seconds; anything but a 2xx within ``interval`` marks the peer unavailable."""
+
+    path: str = D.PEER_HEALTH_PATH
+    interval: float = D.PEER_HEALTH_INTERVAL
+
+
+@dataclass(frozen=True)
 class Peer:
     id: str
     proxy: str
@@ -174,6 +183,7 @@ class Peer:
     api_key: str = ""
     filters: Filters = Filters()
     timeouts: Timeouts = Timeouts(response_header=D.PEER_TIMEOUTS["responseHeader"])
+    health_check: Optional[PeerHealthCheck] = None  # None: never checked, always available
 
 
 @dataclass(frozen=True)

@@ -240,9 +240,16 @@ class Footprints:
         return (self.sampler is not None and bool(self.config.resources) and not self._closed
                 and not self._unavailable)
 
-    def reconfigure(self, config: Config) -> None:
-        """A reload changed only budgets: recompute what applies to planning."""
+    def reconfigure(self, config: Config, forget: Iterable[str] = ()) -> None:
+        """A reload: recompute what applies to planning.  ``forget``: models
+        removed, or whose process changed: what was measured of them no
+        longer holds (the pids of an old process still running stay, so a
+        start waits for its memory after it stopped)."""
         self.config = config
+        for model in forget:
+            self.gpus.pop(model, None)
+            self.measured.pop(model, None)
+            self._warned = {w for w in self._warned if w[0] != model}
         for model in list(self.gpus):
             self._derive(model)
 
@@ -374,6 +381,8 @@ class Footprints:
         model = process.model.id
         if process.pid == pid:  # still the same child: remember whom to wait for after its stop
             self._pids[model] = usage.pids
+        if self.processes.get(model) is not process:  # a reload retired it: its peak is no longer the model's
+            return
         peaks = self.gpus.setdefault(model, {})
         changed = model not in self.measured
         for index, amount in usage.gpus.items():

@@ -305,6 +305,17 @@ class Process:
         _fail_all(aborted, ProcessShutdownError(f"{self.model.id} is shutting down"))
         return d
 
+    def update_model(self, model: ModelConfig) -> None:
+        """A reload changed settings of this model that apply to the running
+        child (TTL, unload timeout, filters, ...; see
+        ``llamaswap.config.diff.PROCESS_FIELDS`` for those that do not):
+        take them, restarting an idle TTL count with the new TTL."""
+        if model.id != self.model.id:
+            raise ValueError(f"{model.id!r} cannot take over the process of {self.model.id!r}")
+        self.model = model
+        if self._state is READY and not self._in_flight:
+            self._schedule_ttl()
+
     # -- request accounting -------------------------------------------------
 
     def request_started(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Optional
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
 from ..config import Filters, thaw
 from ..jsonscan import ObjectScan, scan_object
@@ -133,6 +133,14 @@ def model_from_json(body: bytes) -> tuple[Optional[dict], Optional[str]]:
 def model_from_query(query: bytes) -> Optional[str]:
     values = parse_qs(query.decode("latin-1")).get("model")
     return values[0] if values and values[0] else None
+
+
+def replace_query_model(query: bytes, model: str, replacement: str) -> bytes:
+    """``query`` with its ``model`` parameter set to ``replacement`` when it is ``model``."""
+    if model_from_query(query) != model:
+        return query
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    return urlencode([(k, replacement if k == "model" else v) for k, v in pairs]).encode("latin-1")
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.I)

@@ -7,15 +7,18 @@ is asking:
 
 1. read the body, bounded (``maxRequestBodyBytes``), a big one in slices;
 2. find the model it names (JSON ``model``, ``?model=``, a multipart field)
-   and resolve it (alias, peer);
+   and resolve it (profile pin, selector, local id or alias, peer model:
+   ``llamaswap.router.peers``, ``llamaswap.router.selectors``);
 3. the API key's scope and limits (``llamaswap.principal``,
    ``llamaswap.limits``): refused requests end here;
 4. in-flight entry and activity recorder;
-5. ``_serve``: a grant from the router (which may start or swap models),
-   meanwhile the loading-state stream for chat clients that asked for it;
+5. ``_serve``: for a local model a grant from the router (which may start
+   or swap models), meanwhile the loading-state stream for chat clients that
+   asked for it; for a peer model nothing to wait for (no swap, no queue);
    request filters; ``forward`` to the upstream (``llamaswap.proxy.stream``);
    upstream failures mapped to 502/504 (or the response cut short once its
-   head went out);
+   head went out).  A failover selector's targets are tried in turn while
+   one fails before any byte reached the client (``_attempts``);
 6. whatever happened: the grant and the key's slot released, the in-flight
    entry removed, the activity row and capture stored, metrics counted.
 
@@ -50,6 +53,8 @@ from ..metrics import InferenceMetrics
 from ..principal import NO_KEY, OPEN, Principal, Refusal, model_refusal
 from ..process import ProcessState
 from ..router.local import RoutingError
+from ..router.peers import Target, resolve
+from ..router.selectors import NoTarget, SpilloverCounts, choose, selector_targets
 from ..server.errors import render_error
 from ..server.http import (
     abort_connection, client_ip, forwarded_for, forwarded_proto, header, header_out, principal_of, query_value,
@@ -57,11 +62,11 @@ from ..server.http import (
 )
 from ..steps import run_in_slices
 from .filters import (
-    LARGE_BODY, apply_json_filters, filter_scanned, filters_active, requested_model_steps,
+    LARGE_BODY, apply_json_filters, filter_scanned, filters_active, replace_query_model, requested_model_steps,
     rewrite_multipart_model,
 )
 from .loading import LoadingStream
-from .stream import UpstreamBodyIdle, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
+from .stream import UpstreamBodyIdle, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
 
 #: A big request body is read from its spool file this many bytes per step.
 READ_PIECE = 4 * 1024 * 1024
@@ -114,6 +119,9 @@ class ProxyPipeline:
         self.metrics = metrics
         self._record_quiet_until = float("-inf")  # see _record_failed
         self._record_suppressed = 0
+        # spillover selectors' requests in flight per target: exact across reloads
+        # (each request releases what it reserved), so kept here, not in the runtime
+        self.spillover = SpilloverCounts()
 
     @property
     def runtime(self):
@@ -174,20 +182,24 @@ class ProxyPipeline:
         elif "application/json" in ctype.lower():
             parsed = _json_object(body) if len(body) <= LARGE_BODY else await run_in_slices(
                 scan_object(body), self.clock)
-        config = self.config
+        runtime = self.runtime
+        config = runtime.config
+        asked = model_name  # as the request names it (what its "model" says)
         if not passthrough_name:  # the active profile's pins come before aliases and routing
-            pinned, target = self.runtime.pinned(model_name)
-            if pinned and not target:
+            pinned, pinned_to = runtime.pinned(model_name)
+            if pinned and not pinned_to:
                 return send_error(request, 404, f"model {model_name!r} is disabled by profile "
-                                                f"{self.runtime.active_profile!r}")
-            model_name = target
-        model_id = config.real_model_name(model_name)
+                                                f"{runtime.active_profile!r}")
+            model_name = pinned_to
+        # a selector (not on /upstream), else local id → local alias → peer model
+        selector = None if passthrough_name else config.selectors.get(model_name)
+        target = None if selector is not None else resolve(config, runtime.peers.routes, model_name)
+        resolved = selector.id if selector is not None else (target.label if target is not None else None)
         principal = principal_of(request)
         # the key's scope: the name asked for or what it resolves to (never revealing
         # whether a model outside the scope exists)
-        peer = config.peer_model(model_name) if model_id is None else None
-        refusal = model_refusal(principal, model_name, model_id or ("/".join(peer) if peer else None))
-        if refusal is None and model_id is None:
+        refusal = model_refusal(principal, model_name, resolved)
+        if refusal is None and resolved is None:
             return send_error(request, 404, "no router for requested model")
         if refusal is None:
             admitted = self.limiter.admit(principal.name, principal.limits)
@@ -197,30 +209,42 @@ class ProxyPipeline:
             if self.metrics is not None:
                 self.metrics.key_refused(principal.name, "model" if refusal.status == 403 else refusal.code)
             return send_error(request, refusal.status, refusal.message, refusal.code, dict(refusal.headers))
-        runtime = self.runtime
+        plan, unreserve = [target], None
+        if selector is not None:
+            try:
+                plan, unreserve = self._select(runtime, selector)
+            except NoTarget as e:
+                admitted.release()
+                return send_error(request, 503, str(e))
+        metadata = {"selector": selector.id} if selector is not None else None
+        label = plan[0].label  # the model in in-flight entries, activity rows, metrics
         req_headers = {k.decode("latin-1"): v[-1].decode("latin-1")
                        for k, v in request.requestHeaders.getAllRawHeaders()}
         result = b""
         status = None
         passthrough = request.path.startswith(b"/upstream/")
         try:
-            entry = self.inflight.add(model_id, request.path.decode("latin-1"), request.method.decode("latin-1"),
+            entry = self.inflight.add(label, request.path.decode("latin-1"), request.method.decode("latin-1"),
                                       req_headers, client_ip(request), cancel=lambda: abort_connection(request),
-                                      key_name=principal.attribution)
-            recorder = self._recorder(request, model_id, upstream_path, body, req_headers, principal)
-            request.llamaswap_model = model_id
+                                      metadata=metadata, key_name=principal.attribution)
+            recorder = self._recorder(request, label, upstream_path, body, req_headers, principal, metadata)
+            request.llamaswap_model = label
         except BaseException:
             admitted.release()
+            if unreserve is not None:
+                unreserve()
             raise
         try:
-            request_info = _RequestInfo(body, parsed, ctype, query, model_name, upstream_path, passthrough)
-            result = await self._serve(request, runtime, model_id, request_info, entry, recorder)
+            request_info = _RequestInfo(body, parsed, ctype, query, asked, upstream_path, passthrough)
+            result = await self._attempts(request, runtime, plan, request_info, entry, recorder, selector)
             return result
         except defer.CancelledError:
             status = CLIENT_CLOSED
             raise
         finally:
             admitted.release()  # at once, however the request ended: limits never leak a slot
+            if unreserve is not None:
+                unreserve()
             self.inflight.remove(entry)
             broke_off = getattr(request, "llamaswap_broke_off", None)  # (status, message): cut mid-response
             status = status or (broke_off[0] if broke_off else request.code)
@@ -231,11 +255,22 @@ class ProxyPipeline:
                 self._record(recorder)
             if self.metrics is not None:
                 path = "/upstream" if passthrough else request.path.decode("latin-1")  # bounded label values
-                self.metrics.request_done(model_id, path, status, self.clock.seconds() - request.llamaswap_started,
-                                          principal.name)
+                self.metrics.request_done(request.llamaswap_model, path, status,
+                                          self.clock.seconds() - request.llamaswap_started, principal.name)
+
+    def _select(self, runtime, selector) -> "tuple[list[Target], Optional[Callable[[], None]]]":
+        """What serves a request for ``selector`` now (``llamaswap.router.selectors.choose``)."""
+        config, peers = runtime.config, runtime.peers
+        targets = selector_targets(selector, lambda name: resolve(config, peers.routes, name))
+
+        def state_of(model_id: str) -> Optional[ProcessState]:
+            process = runtime.processes.get(model_id)
+            return process.state if process is not None else None
+
+        return choose(selector, targets, state_of, peers.is_available, self.spillover)
 
     def _recorder(self, request: IRequest, model_id: str, upstream_path: str, body: bytes, headers: dict,
-                  principal: Principal = OPEN):
+                  principal: Principal = OPEN, metadata: Optional[dict] = None):
         """An activity recorder for POSTs to model-dispatched paths (else None)."""
         if self.activity is None or request.method != b"POST":
             return None
@@ -244,7 +279,7 @@ class ProxyPipeline:
         if req_path not in MODEL_ROUTES:
             return None
         limit = self.captures.max_bytes if self.captures is not None and self.captures.enabled else 0
-        return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit,
+        return ActivityRecorder(self.clock, self.wall, model_id, req_path, headers, body, limit, metadata=metadata,
                                 remote_ip=client_ip(request), key_name=principal.attribution)
 
     def _record(self, recorder: ActivityRecorder) -> None:
@@ -291,14 +326,40 @@ class ProxyPipeline:
         else:
             self.log.failure("recording activity failed{since}", failure, since=since)
 
-    async def _serve(self, request: IRequest, runtime, model_id: str, info: "_RequestInfo", entry,
-                     recorder: Optional[ActivityRecorder] = None):
+    async def _attempts(self, request: IRequest, runtime, plan: "list[Target]", info: "_RequestInfo", entry,
+                        recorder: Optional[ActivityRecorder], selector) -> bytes:
+        """Serve ``plan``'s first target; with more (a failover selector), a
+        target that fails before any byte of its answer reached the client
+        passes the request on to the next.  The last target's answer, success
+        or failure, is the client's."""
+        for i, target in enumerate(plan):
+            if i:  # the request is now this target's
+                request.llamaswap_model = entry.model = target.label
+                if recorder is not None:
+                    recorder.model = target.label
+                if isinstance(info.parsed, dict):  # the filters of the target before changed it
+                    info.parsed = _json_object(info.body)
+            try:
+                return await self._serve(request, runtime, target, info, entry, recorder, failover=i + 1 < len(plan))
+            except _TryNext as e:
+                self.log.warn("{selector}: {target} failed before answering ({why}); trying {next}",
+                              selector=selector.id, target=target.label, why=e.why, next=plan[i + 1].label)
+        raise AssertionError("the last target never passes a request on")
+
+    async def _serve(self, request: IRequest, runtime, target: Target, info: "_RequestInfo", entry,
+                     recorder: Optional[ActivityRecorder] = None, failover: bool = False) -> bytes:
+        """Serve ``target``.  ``failover`` (more targets to try): a failure
+        before any byte reached the client raises ``_TryNext`` instead of
+        answering (and no loading-state stream starts: its bytes would be sent)."""
+        if target.peer is not None:
+            return await self._serve_peer(request, runtime, target, info, entry, recorder, failover)
+        model_id = target.model_id
         model = runtime.config.models[model_id]
         process = runtime.processes[model_id]
         streaming = bool(info.parsed and info.parsed.get("stream") is True) or query_value(info.query, b"stream") == b"true"
         loading = None
         if (model.send_loading_state and streaming and info.upstream_path.startswith("/v1/chat/completions")
-                and process.state is not ProcessState.READY):
+                and process.state is not ProcessState.READY and not failover):
             seen: list = []  # what happened before the stream began, replayed into it
 
             def note(event) -> None:
@@ -326,9 +387,12 @@ class ProxyPipeline:
             wait = runtime.router.request(model_id)
         try:
             grant = await wait
+            model = grant.model  # a reload may have redefined the model while the request waited
             if self.metrics is not None:
                 self.metrics.waited(model_id, self.clock.seconds() - request.llamaswap_started)
         except RoutingError as e:
+            if failover:
+                raise _TryNext(f"{e.status} {e.message}")
             if loading is not None:
                 loading.failed(render_error(e.status, e.message, None, e.code)[1])
                 return b""
@@ -340,104 +404,165 @@ class ProxyPipeline:
         try:
             if loading is not None:
                 loading.done()
-            body = info.body if info.passthrough else self._filter_body(
-                info.body, info.parsed, info.ctype, info.model_name, model)
-            url = model.proxy.rstrip("/") + info.upstream_path + (
-                "?" + info.query.decode("latin-1") if info.query else "")
-            headers = upstream_headers(request.requestHeaders, forwarded_for(request),
-                                       forwarded_proto(request), request.getHeader(b"host"))
-            verdict = getattr(request, "llamaswap_verdict", None)
-            for name in (verdict.hide if verdict is not None else ()):  # an object key stays with llamaswap
-                headers.removeHeader(name.encode("latin-1"))
-            if recorder is not None:  # only encodings the activity parser can read
-                accepted = filter_accept_encoding(header(request, b"accept-encoding"))
-                if accepted:
-                    headers.setRawHeaders(b"accept-encoding", [accepted.encode("latin-1")])
-                else:
-                    headers.removeHeader(b"accept-encoding")
-
-            def on_chunk(data: bytes) -> None:
-                self.inflight.add_bytes(entry, len(data))
-                if recorder is not None:
-                    recorder.on_chunk(data)
-
-            def on_headers(response) -> None:
-                flat = {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in response.headers.getAllRawHeaders()}
-                self.inflight.response_headers(entry, flat)
-                if self.metrics is not None:
-                    self.metrics.first_byte(model_id, self.clock.seconds() - request.llamaswap_started)
-                if recorder is not None:
-                    recorder.on_headers(response.code, flat)
-
-            def broke_off(status: int, message: str) -> bytes:
-                """The response was cut after its head went out: the client sees it
-                end incomplete; activity and metrics record the failure."""
-                request.llamaswap_broke_off = (status, message)
-                if recorder is not None:
-                    recorder.fail(status, message)
-                abort_connection(request)
-                return b""
-
-            timeouts = model.timeouts
-            try:
-                await forward(runtime.agents[model_id], request, url.encode(), body, headers,
-                              on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None,
-                              clock=self.clock, header_timeout=timeouts.response_header,
-                              body_idle=timeouts.body_idle, expect_continue=timeouts.expect_continue)
-            except UpstreamBodyIdle as e:
-                self.log.warn("{model}: upstream stalled: {error}", model=model_id, error=str(e))
-                message = f"upstream timed out: {e}"
-                if request.startedWriting:
-                    return broke_off(504, message)
-                if recorder is not None:
-                    recorder.fail(504, message)
-                return send_error(own_headers(request), 504, message)
-            except (UpstreamUnavailable, UpstreamTimeout) as e:
-                notice_exits()
-                status, message = (504, f"upstream timed out: {e}") if isinstance(e, UpstreamTimeout) else (
-                    502, f"upstream not reachable: {e}")
-                if loading is not None:
-                    loading.failed(render_error(status, message)[1])
-                    return b""
-                if request.startedWriting:
-                    return b""
-                return send_error(own_headers(request), status, message)
-            except defer.CancelledError:
-                raise
-            except Exception as e:  # the upstream died mid-response (crash)
-                notice_exits()
-                self.log.warn("{model}: upstream response failed: {error}", model=model_id, error=str(e))
-                if request.startedWriting:
-                    return broke_off(502, f"upstream response failed: {e}")
-                if recorder is not None:
-                    recorder.fail(502, f"upstream response failed: {e}")
-                return send_error(own_headers(request), 502, f"upstream response failed: {e}")
-            return b""
+            # the body's model: useModelName, else the name a pin or selector routed to
+            rename = model.use_model_name or (target.name if target.name != info.asked else "")
+            body, query = self._outgoing(info, target.name, model.filters, rename)
+            url = model.proxy.rstrip("/") + info.upstream_path + ("?" + query.decode("latin-1") if query else "")
+            headers = self._upstream_headers(request, recorder)
+            return await self._relay(request, model_id, runtime.agents[model_id], url, body, headers,
+                                     model.timeouts, entry, recorder, loading, failover)
         finally:
             grant.release()
 
-    def _filter_body(self, body: bytes, parsed, ctype: str, requested: str, model) -> bytes:
-        if not filters_active(requested, model.filters, model.use_model_name):
+    async def _serve_peer(self, request: IRequest, runtime, target: Target, info: "_RequestInfo", entry,
+                          recorder: Optional[ActivityRecorder], failover: bool) -> bytes:
+        """A peer model: no swap, no queue, no local concurrency; the peer's
+        filters, its own model id in the body, its ``apiKey`` in place of the client's."""
+        route, peers = target.peer, runtime.peers
+        peer = peers.peers[route.peer]
+        body, query = self._outgoing(info, target.name, peer.filters, route.model if route.model != info.asked else "")
+        url = peer.proxy + info.upstream_path + ("?" + query.decode("latin-1") if query else "")
+        headers = self._upstream_headers(request, recorder)
+        if peer.api_key:
+            key = peer.api_key.encode("utf-8")
+            headers.setRawHeaders(b"authorization", [b"Bearer " + key])
+            headers.setRawHeaders(b"x-api-key", [key])
+        peers.started()
+        try:
+            return await self._relay(request, route.fqn, peers.clients[route.peer], url, body, headers,
+                                     peer.timeouts, entry, recorder, None, failover, unreachable="peer proxy error")
+        finally:
+            peers.finished()
+
+    def _upstream_headers(self, request: IRequest, recorder: Optional[ActivityRecorder]) -> Headers:
+        headers = upstream_headers(request.requestHeaders, forwarded_for(request),
+                                   forwarded_proto(request), request.getHeader(b"host"))
+        verdict = getattr(request, "llamaswap_verdict", None)
+        for name in (verdict.hide if verdict is not None else ()):  # an object key stays with llamaswap
+            headers.removeHeader(name.encode("latin-1"))
+        if recorder is not None:  # only encodings the activity parser can read
+            accepted = filter_accept_encoding(header(request, b"accept-encoding"))
+            if accepted:
+                headers.setRawHeaders(b"accept-encoding", [accepted.encode("latin-1")])
+            else:
+                headers.removeHeader(b"accept-encoding")
+        return headers
+
+    async def _relay(self, request: IRequest, model_id: str, client, url: str, body: bytes, headers: Headers,
+                     timeouts, entry, recorder: Optional[ActivityRecorder], loading: Optional[LoadingStream],
+                     failover: bool, unreachable: str = "upstream not reachable") -> bytes:
+        """``forward`` to ``url`` and map its failures (see ``_serve``)."""
+        def on_chunk(data: bytes) -> None:
+            self.inflight.add_bytes(entry, len(data))
+            if recorder is not None:
+                recorder.on_chunk(data)
+
+        def on_headers(response) -> None:
+            flat = {k.decode("latin-1"): v[-1].decode("latin-1") for k, v in response.headers.getAllRawHeaders()}
+            self.inflight.response_headers(entry, flat)
+            if self.metrics is not None:
+                self.metrics.first_byte(model_id, self.clock.seconds() - request.llamaswap_started)
+            if recorder is not None:
+                recorder.on_headers(response.code, flat)
+
+        def broke_off(status: int, message: str) -> bytes:
+            """The response was cut after its head went out: the client sees it
+            end incomplete; activity and metrics record the failure."""
+            request.llamaswap_broke_off = (status, message)
+            if recorder is not None:
+                recorder.fail(status, message)
+            abort_connection(request)
+            return b""
+
+        try:
+            await forward(client, request, url.encode(), body, headers,
+                          on_chunk=on_chunk, on_headers=on_headers, write_head=loading is None,
+                          clock=self.clock, header_timeout=timeouts.response_header,
+                          body_idle=timeouts.body_idle, expect_continue=timeouts.expect_continue,
+                          reject=_server_error if failover else None)
+        except UpstreamRejected as e:  # failover only: nothing of it reached the client
+            raise _TryNext(f"answered {e.head.code}: {_excerpt(e.body)}")
+        except UpstreamBodyIdle as e:
+            self.log.warn("{model}: upstream stalled: {error}", model=model_id, error=str(e))
+            message = f"upstream timed out: {e}"
+            if request.startedWriting:
+                return broke_off(504, message)
+            if recorder is not None:
+                recorder.fail(504, message)
+            return send_error(own_headers(request), 504, message)
+        except (UpstreamUnavailable, UpstreamTimeout) as e:
+            notice_exits()
+            status, message = (504, f"upstream timed out: {e}") if isinstance(e, UpstreamTimeout) else (
+                502, f"{unreachable}: {e}")
+            if failover and not request.startedWriting:
+                raise _TryNext(message)
+            if loading is not None:
+                loading.failed(render_error(status, message)[1])
+                return b""
+            if request.startedWriting:
+                return b""
+            return send_error(own_headers(request), status, message)
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # the upstream died mid-response (crash)
+            notice_exits()
+            self.log.warn("{model}: upstream response failed: {error}", model=model_id, error=str(e))
+            if request.startedWriting:
+                return broke_off(502, f"upstream response failed: {e}")
+            if recorder is not None:
+                recorder.fail(502, f"upstream response failed: {e}")
+            return send_error(own_headers(request), 502, f"upstream response failed: {e}")
+        return b""
+
+    def _outgoing(self, info: "_RequestInfo", name: str, filters, rename: str) -> "tuple[bytes, bytes]":
+        """The body and query sent for target ``name``: its filters
+        (``setParamsByID`` by ``name``), ``model`` set to ``rename`` unless
+        that is ""; as received on ``/upstream``."""
+        if info.passthrough:
+            return info.body, info.query
+        body = self._filter_body(info.body, info.parsed, info.ctype, name, filters, rename)
+        query = replace_query_model(info.query, info.asked, rename) if rename else info.query
+        return body, query
+
+    def _filter_body(self, body: bytes, parsed, ctype: str, requested: str, filters, rename: str = "") -> bytes:
+        if not filters_active(requested, filters, rename):
             return body
         if isinstance(parsed, ObjectScan):  # a big body: only the members filters touch are re-encoded
-            return filter_scanned(parsed, requested, model.filters, model.use_model_name)
+            return filter_scanned(parsed, requested, filters, rename)
         if parsed is not None:
-            filtered = apply_json_filters(parsed, requested, model.filters, model.use_model_name)
+            filtered = apply_json_filters(parsed, requested, filters, rename)
             return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False).encode()
-        if "multipart/form-data" in ctype.lower() and model.use_model_name:
-            return rewrite_multipart_model(body, ctype, model.use_model_name)
+        if "multipart/form-data" in ctype.lower() and rename:
+            return rewrite_multipart_model(body, ctype, rename)
         return body
+
+
+class _TryNext(Exception):
+    """A failover target failed before any byte reached the client: ``why``."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+def _server_error(code: int) -> bool:
+    return code >= 500
+
+
+def _excerpt(body: bytes, limit: int = 200) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _RequestInfo:
     """What a model-dispatched request carries once its body is read."""
 
-    __slots__ = ("body", "parsed", "ctype", "query", "model_name", "upstream_path", "passthrough")
+    __slots__ = ("body", "parsed", "ctype", "query", "asked", "upstream_path", "passthrough")
 
-    def __init__(self, body: bytes, parsed, ctype: str, query: bytes, model_name: str, upstream_path: str,
+    def __init__(self, body: bytes, parsed, ctype: str, query: bytes, asked: str, upstream_path: str,
                  passthrough: bool = False):
         self.body, self.parsed, self.ctype = body, parsed, ctype
-        self.query, self.model_name, self.upstream_path = query, model_name, upstream_path
+        self.query, self.asked, self.upstream_path = query, asked, upstream_path  # asked: the request's own model
         self.passthrough = passthrough
 
 

@@ -34,44 +34,20 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IRequest
 from zope.interface import implementer
 
-from ..httpclient import quiet_pool
-
-log = Logger()
-
-HOP_BY_HOP = frozenset(
-    h.encode() for h in (
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
-    )
+from ..httpclient import quiet_pool, upstream_agent
+from .upstream import (  # noqa: F401 - the exceptions are this module's API too
+    HOP_BY_HOP, REJECT_BODY_LIMIT, RawHeaders, ResponseHead, UpstreamBodyIdle, UpstreamClient, UpstreamPool,
+    UpstreamRejected,
+    UpstreamTimeout, UpstreamUnavailable, describe_failure,
 )
 
+log = Logger()
 
 _REPLACED = frozenset((b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
 
 
-class UpstreamUnavailable(Exception):
-    """The upstream could not be reached (connect refused, reset before headers)."""
-
-
-class UpstreamTimeout(Exception):
-    """The upstream sent no response headers within ``timeouts.responseHeader``."""
-
-
-class UpstreamBodyIdle(Exception):
-    """The upstream sent no body byte for ``timeouts.bodyIdle`` seconds mid-response."""
-
-
 # idleConn 0 means "no limit" (Go's IdleConnTimeout); the pool wants a number
 NO_IDLE_LIMIT = 10 * 365 * 86400.0
-
-
-def describe_failure(failure: Failure) -> str:
-    """A short reason, also for the lists of Failures Agent wraps errors in."""
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        return "; ".join(describe_failure(r) for r in reasons)
-    message = failure.getErrorMessage()
-    return message if message and not message.startswith("[") else failure.type.__name__
 
 
 @implementer(IBodyProducer)
@@ -338,6 +314,24 @@ class _Relay(Protocol):
             self.transport.stopProducing()
 
 
+class _Keep(Protocol):
+    """Keeps the first ``limit`` bytes of a response body; fires ``finished`` at its end."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.finished: Optional[defer.Deferred] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size < self.limit:
+            self.pieces.append(data)
+            self.size += len(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.finished.callback(None)
+
+
 class _DropBody(Protocol):
     """Takes a response body nobody will read and drops the upstream
     connection at once.  ``IResponse`` has no public transport: the protocol
@@ -384,6 +378,7 @@ def forward(
     header_timeout: float = 0,
     body_idle: float = 0,
     expect_continue: float = 0,
+    reject: Optional[Callable[[int], bool]] = None,
 ) -> defer.Deferred:
     """Proxy ``request`` to ``url``; fires with the number of body bytes relayed.
 
@@ -397,6 +392,9 @@ def forward(
     the body waits up to ``expect_continue`` seconds (0 = not at all) for the
     upstream's first answer.  The timers need ``clock``.
     """
+    if isinstance(agent, UpstreamClient):  # a plain-http upstream: the lean client
+        return agent.forward(request, url, body, headers, on_chunk, on_headers, write_head, clock,
+                             header_timeout, body_idle, expect_continue, reject, wants_continue(headers))
     relay_holder: dict = {}
 
     def cancel(d: defer.Deferred) -> None:
@@ -427,6 +425,16 @@ def forward(
         if timer is not None and timer.active():
             timer.cancel()
         if done.called:
+            return
+        if reject is not None and reject(response.code):  # nothing reaches the client: keep the answer
+            head = ResponseHead(response.code, response.phrase or b"", RawHeaders(
+                (name.lower(), values) for name, values in response.headers.getAllRawHeaders()))
+            kept = _Keep(REJECT_BODY_LIMIT)
+            finished = defer.Deferred()
+            kept.finished = finished
+            response.deliverBody(kept)
+            finished.addBoth(lambda _: done.called or done.errback(
+                Failure(UpstreamRejected(head, b"".join(kept.pieces)[:REJECT_BODY_LIMIT]))))
             return
         try:
             if write_head:
@@ -481,3 +489,27 @@ def make_pool(reactor, max_per_host: int = 64, idle: float = 60, keepalive: floa
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = idle if idle > 0 else NO_IDLE_LIMIT
     return pool
+
+
+def upstream_client(reactor, pools: dict, url: str, timeouts):
+    """What ``forward`` sends a model's (or peer's) requests through: the lean
+    client (``llamaswap.proxy.upstream``) for a plain-http ``url``, an
+    ``Agent`` for https.  Connections are pooled per distinct (kind, idleConn,
+    keepalive, tlsHandshake) in ``pools`` (shared by the caller; close them
+    with :func:`close_pools`); ``timeouts`` is a model's ``timeouts``."""
+    t = timeouts
+    lean = url.startswith("http://")
+    key = (lean, t.idle_conn, t.keepalive, t.tls_handshake)
+    pool = pools.get(key)
+    if pool is None:
+        pool = pools[key] = (UpstreamPool(reactor, idle=t.idle_conn, keepalive=t.keepalive) if lean else
+                             make_pool(reactor, idle=t.idle_conn, keepalive=t.keepalive, tls_handshake=t.tls_handshake))
+    if lean:
+        return UpstreamClient(reactor, pool, t.connect or None)
+    return upstream_agent(reactor, pool, t.connect or None)
+
+
+def close_pools(pools: dict) -> list:
+    """Close the pools :func:`upstream_client` made; Deferreds of their parked connections' ends."""
+    return [pool.close() if isinstance(pool, UpstreamPool) else pool.closeCachedConnections()
+            for pool in pools.values()]

@@ -6,12 +6,17 @@ scheduler lets it through, or fails with a :class:`RoutingError` (status,
 message, headers).  Cancelling that Deferred (the client went away) tells the
 scheduler, so no load is started for a dead caller.  Every grant must be
 released exactly once with :meth:`LocalRouter.release`.
+
+A reload hands the router new processes with :meth:`LocalRouter.apply`; the
+old processes of changed or removed models *retire*: they finish the
+requests granted to them, then shut down, and no process of the same model
+(or on the same upstream address) starts before they are gone.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Hashable, Mapping, Optional
+from typing import Callable, Hashable, Iterable, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -54,6 +59,24 @@ class Grant:
             self.router.release(self)
 
 
+class _Retiring:
+    """A process a reload took out of service: its grace, whether its
+    shutdown began, and who waits for it to be gone."""
+
+    __slots__ = ("grace", "stopping", "waiters")
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.stopping = False
+        self.waiters: list[defer.Deferred] = []
+
+
+def _overlap(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether a process of ``new`` must wait for one of ``old`` to be gone:
+    the same model (its port, its GPU memory), or the same upstream address."""
+    return old.id == new.id or (bool(old.proxy) and old.proxy == new.proxy)
+
+
 class LocalRouter:
     """Routes requests for the local models of one config."""
 
@@ -75,7 +98,8 @@ class LocalRouter:
         self._positions: dict[Hashable, Callable[[int], None]] = {}
         self._ids = itertools.count(1)
         self._stopping: dict[str, defer.Deferred] = {}
-        self._gate: Optional[list] = None  # waiters while the previous config's models stop
+        # old processes of models a reload changed or removed: draining, then stopping
+        self._retiring: dict[Process, _Retiring] = {}
         self.scheduler = Scheduler(
             planner_for_config(config),
             self,
@@ -90,46 +114,94 @@ class LocalRouter:
             measured=footprints.measured if footprints is not None else None,
         )
 
-    def apply_budgets(self, config: Config) -> frozenset:
-        """A reload changed only budgets (``resources``, ``minResident``,
-        ``swapPolicy``): plan with them from now on, keeping every model, the
-        queue and the swaps under way; stop the idle models, least recently
-        used first, that no longer fit a lowered capacity.  Returns those."""
+    def apply(self, config: Config, processes: Mapping[str, Process],
+              retire: Iterable[Process] = (), grace: float = 30.0) -> frozenset:
+        """A reload: route the models of ``config`` to ``processes`` from now
+        on, keeping the queue, swaps, in-flight counts and every process that
+        stays.  ``retire``: the old processes of models the reload changed or
+        removed; each finishes its requests in flight, then is shut down
+        (SIGKILL ``grace`` seconds after SIGTERM); a newer process of the same
+        model, or on the same port, starts only once it is gone.  Queued
+        requests for a changed model wait for its new process; those for a
+        removed one fail with 404.  When groups or the matrix changed, the
+        running models that may no longer run together are stopped (idle
+        ones, least recently used first); when a capacity was lowered, the
+        idle models that no longer fit.  Returns the models stopped so."""
+        routing_changed = config.routing != self.config.routing
         self.config = config
-        self.scheduler.reconfigure(
+        self.processes = dict(processes)
+        retire = [p for p in retire if p not in self._retiring and p.state is not ProcessState.SHUTDOWN]
+        for process in retire:  # first known as retiring: starts that must wait for them see them
+            self._retiring[process] = _Retiring(grace)
+        self.scheduler.apply(
             planner_for_config(config),
+            {mid: m.concurrency_limit for mid, m in config.models.items()},
+            priorities=dict(config.routing.priority),
+            max_wait=config.routing.max_wait,
+            max_queue=config.routing.max_queue,
             min_resident={mid: m.min_resident for mid, m in config.models.items()},
-            swap_policy=config.swap_policy)
-        trimmed = self.scheduler.trim()
-        for model in sorted(trimmed):
-            reason = "resources.capacity was lowered by a reload and it is the least recently used idle model"
+            swap_policy=config.swap_policy,
+            removed=lambda model: f"model {model!r} was removed from the config")
+        for process in retire:  # then stopped, when idle (waiters of their loads are settled by now)
+            if process.in_flight == 0:
+                self._end_retirement(process)
+        replanned = self.scheduler.replan() if routing_changed else frozenset()
+        self._evict(replanned, "groups or the matrix changed in a reload and it may no longer run "
+                               "with the models kept")
+        trimmed = self.scheduler.trim(gone=replanned)
+        self._evict(trimmed, "resources.capacity was lowered by a reload and it is the least recently "
+                             "used idle model")
+        return replanned | trimmed
+
+    def _evict(self, models: Iterable[str], reason: str) -> None:
+        for model in sorted(models):
             self.log.info("{model} evicted: {reason}", model=model, reason=reason)
             self.events.publish("evict", {"model": model, "reason": reason})
             process = self.processes[model]
             d = self._stop(process, process.model.unload_timeout)
             d.addCallback(lambda _, m=model: self.scheduler.model_stopped(m))  # room for queued requests
             d.addErrback(lambda f, m=model: self.log.failure("stopping {model} failed", f, model=m))
-        return trimmed
 
-    def hold_starts_until(self, d: defer.Deferred) -> None:
-        """No model starts before ``d`` fires (the previous config's models are
-        still stopping: their ports and GPU memory are not free yet)."""
-        self._gate = []
+    # -- retiring processes (a reload changed or removed their model) ----------------
 
-        def release(result):
-            waiters, self._gate = self._gate or [], None
-            for waiter in waiters:
-                waiter.callback(None)
-            return result
+    def _end_retirement(self, process: Process, grace: Optional[float] = None) -> defer.Deferred:
+        """Shut a retiring process down now (at once, or with a shorter grace)."""
+        entry = self._retiring[process]
+        d = process.shutdown(entry.grace if grace is None else min(grace, entry.grace))
+        if not entry.stopping:
+            entry.stopping = True
 
-        d.addBoth(release)
+            def gone(result):
+                self._retiring.pop(process, None)
+                for waiter in entry.waiters:
+                    waiter.callback(None)
+                entry.waiters.clear()
+                if not self.scheduler.closed:
+                    self.scheduler.model_stopped(process.model.id)  # its state view changed
+                return result
 
-    def _gate_open(self) -> defer.Deferred:
-        if self._gate is None:
+            d.addErrback(lambda f: self.log.failure("stopping the old process of {model} failed", f,
+                                                    model=process.model.id))
+            d.addBoth(gone)
+        return d
+
+    def retiring(self, model: str) -> "list[Process]":
+        """The old processes of ``model`` still draining or stopping."""
+        return [p for p in self._retiring if p.model.id == model]
+
+    def retired(self, process: Process) -> defer.Deferred:
+        """Fires once every retiring process that ``process`` must not overlap
+        is gone: those of the same model or on the same upstream address.
+        Each caller gets a Deferred of its own."""
+        waits = []
+        for old, entry in self._retiring.items():
+            if _overlap(old.model, process.model):
+                waiter: defer.Deferred = defer.Deferred()
+                entry.waiters.append(waiter)
+                waits.append(waiter)
+        if not waits:
             return defer.succeed(None)
-        waiter: defer.Deferred = defer.Deferred()
-        self._gate.append(waiter)
-        return waiter
+        return defer.gatherResults(waits).addCallback(lambda _: None)
 
     # -- state view given to the scheduler -----------------------------------------
 
@@ -138,7 +210,10 @@ class LocalRouter:
         if process is None:
             return "stopped"
         state = process.state
-        return "stopped" if state in (ProcessState.STOPPED, ProcessState.SHUTDOWN) else state.value
+        if state in (ProcessState.STOPPED, ProcessState.SHUTDOWN):
+            # the old process of a model a reload changed still runs: the model is on its way down
+            return "stopping" if any(p.model.id == model for p in self._retiring) else "stopped"
+        return state.value
 
     def process_state_changed(self, process: Process, old, new) -> None:
         """Wire this to every process's ``on_state``: a process that stops on its
@@ -167,7 +242,11 @@ class LocalRouter:
 
     def release(self, grant: Grant) -> None:
         if self._granted.pop(grant.req_id, None) is not None:
-            grant.process.request_finished()
+            process = grant.process
+            process.request_finished()
+            entry = self._retiring.get(process)
+            if entry is not None and not entry.stopping and process.in_flight == 0:
+                self._end_retirement(process)
             self.scheduler.serve_done(grant.req_id)
 
     # -- Effects (called by the scheduler) ----------------------------------------------
@@ -210,10 +289,7 @@ class LocalRouter:
         stops = [self._stop(self.processes[m], self.processes[m].model.health_check_timeout)
                  for m in sorted(evict) if m in self.processes]
         d = defer.gatherResults(stops, consumeErrors=True) if stops else defer.succeed(None)
-        if self.footprints is not None:  # the GPU driver may still hold a stopped model's memory
-            d.addCallback(lambda _: self.footprints.released())
-        d.addCallback(lambda _: self._gate_open())
-        d.addCallback(lambda _: self.processes[target].ensure_ready())
+        d.addCallback(lambda _: self._start(target))
 
         def done(_):
             self.scheduler.swap_done(target)
@@ -225,6 +301,27 @@ class LocalRouter:
             self.scheduler.swap_done(target, message)
 
         d.addCallbacks(done, failed)
+
+    def _start(self, model: str) -> defer.Deferred:
+        """``ensure_ready()`` on the current process of ``model``, once the
+        old processes it must not overlap are gone (and, after stops, the GPU
+        driver let go of their memory).  A reload that redefines ``model``
+        meanwhile moves the start to the new process; one that removes it
+        fails the start."""
+        process = self.processes.get(model)
+        if process is None:
+            return defer.fail(RoutingError(404, f"model {model!r} was removed from the config"))
+        d = self.retired(process)
+        if self.footprints is not None:  # the GPU driver may still hold a stopped model's memory
+            d.addCallback(lambda _: self.footprints.released())
+        d.addCallback(lambda _: process.ensure_ready() if self.processes.get(model) is process else None)
+
+        def redefined(result):
+            if self.processes.get(model) is not process:
+                return self._start(model)
+            return result
+
+        return d.addBoth(redefined)
 
     # -- unload / shutdown ---------------------------------------------------------------
 
@@ -246,6 +343,9 @@ class LocalRouter:
         self.scheduler.unload(targets)
         stops = [self._stop(self.processes[m], self.processes[m].model.unload_timeout)
                  for m in sorted(targets) if m in self.processes]
+        # old processes a reload left draining: unloading does not wait for requests in flight
+        stops.extend(self._end_retirement(p, p.model.unload_timeout)
+                     for p in list(self._retiring) if models is None or p.model.id in targets)
         return defer.gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
 
     def shutdown(self, grace: float = 30.0) -> defer.Deferred:
@@ -255,4 +355,5 @@ class LocalRouter:
             self._waiting.pop(req_id, None)
             d.errback(RoutingError(503, MSG_SHUTDOWN))
         stops = [p.shutdown(grace) for p in self.processes.values()]
+        stops.extend(self._end_retirement(p, grace) for p in list(self._retiring))
         return defer.gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)

@@ -35,7 +35,7 @@ from llamaswap.config.fields import format_amount
 from llamaswap.config.types import Config, Group, Matrix, Routing
 
 __all__ = ["BudgetPlanner", "Plan", "Planner", "GroupPlanner", "MatrixPlanner", "Usage", "planner_for",
-           "planner_for_config"]
+           "planner_for_config", "reachable", "replan"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -389,6 +389,47 @@ class BudgetPlanner:
         """The inner planner lets ``models`` run together and their declared
         footprints fit every capacity."""
         return self.inner.can_coexist(models) and not self._over(self.used(models))
+
+
+def reachable(planner: Planner, models: AbstractSet[str]) -> bool:
+    """True when ``planner`` lets all of ``models`` run at once: some order of
+    loading them, one by one from none, evicts none of them.  (Weaker than
+    ``can_coexist``: with groups, a model of an ``exclusive: false`` group may
+    join a model of an exclusive group, though not the other way round.)"""
+    memo: dict[frozenset, bool] = {}
+
+    def ok(loaded: frozenset) -> bool:
+        if len(loaded) <= 1:
+            return True
+        if loaded not in memo:
+            memo[loaded] = any(not (planner.plan(last, loaded - {last}).evict & loaded) and ok(loaded - {last})
+                               for last in sorted(loaded))
+        return memo[loaded]
+
+    return ok(frozenset(models))
+
+
+def replan(planner: Planner, running: AbstractSet[str], usage: Usage = NO_USAGE,
+           keep: AbstractSet[str] = frozenset()) -> tuple[str, ...]:
+    """The running models to stop after a reload changed groups or the
+    matrix, so that the rest may run together under ``planner`` (see
+    :func:`reachable`).  Models with requests in flight and those in ``keep``
+    always stay (a later swap waits for them as usual); the others are taken
+    most recently used first, and each stays when it can run with those
+    kept so far.  Returned least recently used first."""
+    never = float("-inf")
+    by_use = sorted(running, key=lambda m: (-usage.recency.get(m, never), m))
+    pinned = [m for m in by_use if m in keep or usage.in_flight.get(m, 0) > 0]
+    kept = set(pinned)
+    stop: list[str] = []
+    for model in by_use:
+        if model in kept:
+            continue
+        if reachable(planner, kept | {model}):
+            kept.add(model)
+        else:
+            stop.append(model)
+    return tuple(reversed(stop))
 
 
 def planner_for(routing: Routing) -> Planner:

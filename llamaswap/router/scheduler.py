@@ -77,6 +77,12 @@ that deadline marks it and re-evaluates the queue.  Then:
 
 Starvation control is off when no clock is given or ``max_wait`` is None.
 
+Reloads (:meth:`Scheduler.apply`): the models that stay keep their queue,
+swaps, in-flight counts, recency and load times; a removed model's queued
+requests and load waiters fail with 404, its requests in flight are counted
+until done; :meth:`Scheduler.replan` names the running models that may no
+longer run together under new groups or a new matrix.
+
 Contract with the router: ``start_swap`` is answered by exactly one
 ``swap_done(target, error)``, also for a swap whose target was unloaded
 meanwhile; ``grant`` is answered by exactly one ``serve_done`` (or ``cancel``).
@@ -96,7 +102,7 @@ from typing import (AbstractSet, Any, Callable, Hashable, Iterable, Mapping, Opt
                     Protocol)
 
 from llamaswap.config import defaults
-from llamaswap.router.planners import BudgetPlanner, Plan, Planner, Usage
+from llamaswap.router.planners import BudgetPlanner, Plan, Planner, Usage, replan
 
 __all__ = [
     "Scheduler", "Effects", "Outcome", "QueueEntry", "SwapInfo",
@@ -338,8 +344,11 @@ class Scheduler:
         del self._requests[req_id]
         self._admitted[req.model] -= 1
         self._in_flight[req.model] -= 1
-        self._recency[req.model] = next(self._uses)
-        if self._in_flight[req.model] == 0:
+        if req.model not in self._limits:  # removed by a reload while in flight
+            self._prune(req.model)
+        else:
+            self._recency[req.model] = next(self._uses)
+        if self._in_flight.get(req.model, 0) == 0:
             self._drain()
         self._settle()
 
@@ -383,8 +392,45 @@ class Scheduler:
     def reconfigure(self, planner: Planner, *, min_resident: Optional[Mapping[str, float]] = None,
                     swap_policy: str = defaults.SWAP_POLICY) -> None:
         """A reload changed only budgets (capacities, footprints,
-        ``minResident``, ``swapPolicy``): plan with ``planner`` from now on,
-        keeping the queue, swaps, in-flight counts and recency; then drain."""
+        ``minResident``, ``swapPolicy``): :meth:`apply` with the same models."""
+        self.apply(planner, self._limits, priorities=self._priorities, max_wait=self._max_wait,
+                   max_queue=self._max_queue, min_resident=min_resident, swap_policy=swap_policy)
+
+    def apply(self, planner: Planner, limits: Mapping[str, int], *,
+              priorities: Optional[Mapping[str, int]] = None,
+              max_wait: Optional[float] = defaults.MAX_WAIT,
+              max_queue: int = defaults.MAX_QUEUE,
+              min_resident: Optional[Mapping[str, float]] = None,
+              swap_policy: str = defaults.SWAP_POLICY,
+              removed: Callable[[str], str] = lambda model: MSG_NOT_FOUND) -> None:
+        """A reload: plan with ``planner`` and serve the models of ``limits``
+        (as in ``__init__``) from now on, keeping the queue, the swaps under
+        way, in-flight counts, recency and load times of the models that
+        stay; then drain.  A model no longer in ``limits``: its queued
+        requests and the waiters of its load fail with 404 and
+        ``removed(model)``; its requests in flight finish and are counted
+        until they do.  Queued requests keep their priority and deadline."""
+        for model in sorted(set(self._limits) - set(limits)):
+            message = removed(model)
+            swap = self._swaps.get(model)
+            if swap is not None and not swap.cancelled:
+                swap.cancelled = True
+                for req in list(swap.waiters.values()):
+                    self._fail(req, 404, message)
+            for req in list(self._queue):
+                if req.model == model:
+                    self._fail(req, 404, message)
+            self._loaded_at.pop(model, None)
+            self._recency.pop(model, None)
+        self._limits = dict(limits)
+        for model in self._limits:
+            self._in_flight.setdefault(model, 0)
+            self._admitted.setdefault(model, 0)
+        for model in [m for m in self._admitted if m not in self._limits]:
+            self._prune(model)
+        self._priorities = dict(priorities or {})
+        self._max_wait = max_wait
+        self._max_queue = max_queue
         self._planner = planner
         self._budget = planner if isinstance(planner, BudgetPlanner) else None
         self._inner = planner.inner if isinstance(planner, BudgetPlanner) else planner
@@ -394,17 +440,34 @@ class Scheduler:
         self._drain()
         self._settle()
 
-    def trim(self) -> frozenset[str]:
-        """The idle models to stop so that the running ones fit every
-        capacity (after a reload lowered one), least recently used first;
-        models with requests in flight or within ``minResident``, swap
-        targets and models a swap is evicting are left alone (but counted).  The router stops what this returns."""
+    def replan(self) -> frozenset[str]:
+        """After :meth:`apply` changed groups or the matrix: the running
+        models to stop so that the others may run together under the new
+        planner (:func:`~llamaswap.router.planners.replan`); models with
+        requests in flight, swap targets and models a swap is evicting stay,
+        models already stopping are left to it.  The router stops what this
+        returns."""
+        if self._closed:
+            return frozenset()
+        running = frozenset(m for m in self._running() if self._state(m) != STOPPING or m in self._swaps)
+        return frozenset(replan(self._inner, running, self._usage(), keep=self._swap_bound()))
+
+    def trim(self, gone: AbstractSet[str] = frozenset()) -> frozenset[str]:
+        """The idle models to stop so that the running ones (less ``gone``,
+        being stopped already) fit every capacity (after a reload lowered
+        one), least recently used first; models with requests in flight or
+        within ``minResident``, swap targets and models a swap is evicting
+        are left alone (but counted).  The router stops what this returns."""
         if self._budget is None or self._closed:
             return frozenset()
+        return frozenset(self._budget.trim(self._running() - gone, self._usage(), keep=self._swap_bound()))
+
+    def _swap_bound(self) -> set[str]:
+        """Swap targets and the models swaps are evicting."""
         busy = set(self._swaps)
         for swap in self._swaps.values():
             busy |= swap.evict
-        return frozenset(self._budget.trim(self._running(), self._usage(), keep=busy))
+        return busy
 
     # -- introspection ------------------------------------------------------
 
@@ -581,6 +644,14 @@ class Scheduler:
             req.swap = None
         self._requests.pop(req.id, None)
         self._admitted[req.model] -= 1
+        if req.model not in self._limits:
+            self._prune(req.model)
+
+    def _prune(self, model: str) -> None:
+        """Forget the counts of a model a reload removed, once nothing of it is left."""
+        if not self._admitted.get(model, 0) and not self._in_flight.get(model, 0):
+            self._admitted.pop(model, None)
+            self._in_flight.pop(model, None)
 
     def _enqueue(self, req: _Req, why: str) -> None:
         req.where, req.blocked = _QUEUED, why

@@ -8,11 +8,10 @@ scrapes are skipped.
 from __future__ import annotations
 
 from twisted.logger import Logger
-from twisted.web import http
 from twisted.web.server import Request, Site
 
 from .. import logs
-from ..httpclient import no_delay
+from .fast import FastChannel
 from .http import client_ip, header
 
 SKIPPED = (b"/wol-health", b"/api/performance", b"/metrics")
@@ -40,19 +39,13 @@ class _Discard:
 
 def request_line(request: Request) -> tuple[bytes, bytes]:
     """The method and path (without the query) of a request whose headers are
-    in but whose body is not yet.
-
-    Twisted sets ``Request.method`` and ``Request.path`` only once the whole
-    body has arrived (``requestReceived``), and no public attribute holds the
-    request line before that; the HTTP/1.1 channel keeps it in ``_command``
-    and ``_path`` from the moment it parsed that line until the request is
-    complete.  ``tests/test_twisted_private.py`` checks that this still holds
-    for the installed Twisted.  ``(b"", b"")`` on a channel without them,
-    such as an HTTP/2 stream (only with the optional ``h2`` package, over TLS).
-    """
+    in but whose body is not yet (Twisted sets ``Request.method`` and
+    ``Request.path`` only once the whole body has arrived): the channel
+    (``fast._Stream``) holds them from the moment the head is parsed.
+    ``(b"", b"")`` on a channel without them."""
     channel = request.channel
-    path = (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
-    method = getattr(channel, "_command", b"") or b""
+    path = (getattr(channel, "uri", b"") or b"").split(b"?", 1)[0]
+    method = getattr(channel, "command", b"") or b""
     return method, path
 
 
@@ -94,109 +87,6 @@ class LlamaSwapRequest(Request):
         return str(getattr(self.getHost(), "host", "localhost")).encode()
 
 
-_PHRASES = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
-
-
-class LlamaSwapChannel(http.HTTPChannel):
-    """Twisted's HTTP/1.1 channel with real answers to requests it cannot
-    parse, and a bound on clients that stop reading.
-
-    * A request head over Twisted's limits (a line over ``MAX_LENGTH``, 16 KiB,
-      or request line plus headers over ``totalHeadersSize``, 16 KiB) is
-      answered ``431 Request Header Fields Too Large``, as Go's net/http does
-      (Twisted drops a too-long line without a word and answers an oversized
-      head with a bare 400).  Other malformed requests keep their 400, now
-      with a body and ``Connection: close``.
-    * After such an answer the connection is half-closed and whatever the
-      client still sends is read and dropped for ``LINGER`` seconds before the
-      close, so data left unread does not turn the close into a reset that
-      destroys the answer (Go's closeWriteAndWait, nginx's lingering close).
-    * The site's ``send_timeout``: a client that leaves our send buffer full
-      for that long (from the pause until Twisted has written the whole buffer
-      out and resumes us: a client that never reads, or drains ~64 KiB slower
-      than about 1 KiB/s per minute) loses its connection, and its request is cancelled like any client that went
-      away, which frees its model slot and stops the upstream (nginx's
-      send_timeout).
-    """
-
-    # Twisted offers no public hooks for these answers: the overrides below use
-    # HTTPChannel's private ``_receivedHeaderSize`` (bytes of the head so far) and
-    # ``_respondToBadRequestAndDisconnect`` (its bare 400), which
-    # tests/test_twisted_private.py checks against the installed Twisted.
-
-    LINGER = 1.0
-    _refusing = False
-    _linger = None
-    _stalled = None
-
-    def lineReceived(self, line):
-        if getattr(self, "_receivedHeaderSize", 0) + len(line) > self.totalHeadersSize:
-            return self._refuse(431)
-        return super().lineReceived(line)
-
-    def lineLengthExceeded(self, line):
-        return self._refuse(431)
-
-    def _respondToBadRequestAndDisconnect(self):  # Twisted's bare 400 for whatever it cannot parse
-        self._refuse(400)
-
-    def _refuse(self, status: int) -> None:
-        if self._refusing:
-            return
-        self._refusing = True
-        # nothing more is parsed on this connection
-        self.clearLineBuffer()
-        self.dataReceived = self.lineReceived = self.rawDataReceived = _ignore
-        self.setTimeout(None)
-        phrase = _PHRASES[status]
-        body = b"%d %s" % (status, phrase)
-        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (status, phrase, len(body), body))
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:
-            self.transport.loseConnection()
-            return
-        half_close()
-        self._linger = self.callLater(self.LINGER, self.transport.loseConnection)
-
-    def pauseProducing(self):
-        super().pauseProducing()
-        timeout = getattr(getattr(self, "site", None), "send_timeout", None)
-        if timeout and self._stalled is None:
-            self._stalled = self.callLater(timeout, self._send_timed_out)
-
-    def resumeProducing(self):
-        if self._stalled is not None:
-            if self._stalled.active():
-                self._stalled.cancel()
-            self._stalled = None
-        super().resumeProducing()
-
-    def _send_timed_out(self) -> None:
-        self._stalled = None
-        log.info("client {peer} took no data for {timeout:g}s: connection dropped",
-                 peer=_peer(self.transport), timeout=self.site.send_timeout)
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason):
-        for call in (self._stalled, self._linger):
-            if call is not None and call.active():
-                call.cancel()
-        self._stalled = self._linger = None
-        super().connectionLost(reason)
-
-
-def _ignore(*args) -> None:
-    pass
-
-
-def _peer(transport) -> str:
-    peer = transport.getPeer() if transport is not None else None
-    host = getattr(peer, "host", None)
-    return f"{host}:{peer.port}" if host else "-"
-
-
 def format_duration(seconds: float) -> str:
     """Go's Duration formatting, roughly: 1.234ms, 2.5s, 150µs."""
     if seconds >= 1:
@@ -213,13 +103,6 @@ class AccessLogSite(Site):
     #: dropped (see ``LlamaSwapChannel``; nginx's send_timeout default)
     send_timeout = 60.0
 
-    def protocol(self):
-        """Twisted's HTTP/1.1-or-2 wrapper around a ``LlamaSwapChannel``
-        (private, as Twisted's own ``Site.protocol``; checked by
-        tests/test_twisted_private.py)."""
-        generic = getattr(http, "_GenericHTTPChannelProtocol", None)
-        return generic(LlamaSwapChannel()) if generic is not None else LlamaSwapChannel()
-
     def __init__(self, resource, clock, **kw):
         kw.setdefault("requestFactory", LlamaSwapRequest)
         # Twisted would parse every multipart/urlencoded POST body into request.args with the email
@@ -230,16 +113,11 @@ class AccessLogSite(Site):
         self.clock = clock
         self.front = resource if hasattr(resource, "check") else None
 
-    def buildProtocol(self, addr):
-        protocol = super().buildProtocol(addr)
-        make = protocol.makeConnection
-
-        def make_connection(transport) -> None:
-            no_delay(transport)
-            make(transport)
-
-        protocol.makeConnection = make_connection
-        return protocol
+    def buildProtocol(self, addr):  # noqa: N802 - Twisted's name
+        """An httptools channel (``fast.py``) handing requests to this site."""
+        channel = FastChannel(self)
+        channel.factory = self
+        return channel
 
     def log(self, request) -> None:
         if request.path in SKIPPED:

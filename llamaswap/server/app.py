@@ -42,6 +42,7 @@ from ..perf.monitor import INVALID_AFTER, parse_after
 from ..principal import OPEN, Principal
 from ..process import ProcessState
 from ..proxy.pipeline import VERSIONLESS, ProxyPipeline
+from ..router.peers import resolve
 from .front import FrontResource
 from .http import header, principal_of, query_flag, send_error, send_json, send_text
 from .streams import BoundedStream, dropped_marker
@@ -90,7 +91,17 @@ class LlamaSwapApp:
     def resource(self) -> Resource:
         front = FrontResource(self.app.resource(), lambda: self.config, self.clock)
         front.signin = self.ui.signin_page  # a browser's page load without a key: the sign-in page
+        front.routes = self.fast_routes()
         return front
+
+    def fast_routes(self) -> dict:
+        """``{(method, path): handler}`` for the model-dispatched routes of fixed
+        paths, as declared below: the front calls them without Klein's routing
+        (the hot path; Klein still answers their wrong methods)."""
+        handlers = {"model_route": self.model_route, "audioapi": self.audioapi}
+        return {(method.encode(), rule.rule.encode()): handlers[rule.endpoint]
+                for rule in self.app.url_map.iter_rules() if rule.endpoint in handlers
+                for method in rule.methods}
 
     # -- Go ServeMux-like answers for unknown paths and wrong methods --------------------
 
@@ -192,16 +203,62 @@ class LlamaSwapApp:
                     alias_record = dict(base, id=alias, status=status,
                                         meta={"llamaswap": dict(meta, type="alias", modelID=model_id)})
                     records.append(alias_record)
+        peers = self.runtime.peers
         for peer in config.peers.values():
             for name in peer.models:
                 if not principal.may_use(f"{peer.id}/{name}"):
                     continue
+                info = {"type": "peer", "peerID": peer.id}
+                if peer.health_check is not None:  # llamaswap addition: what its health check says
+                    info["available"] = peers.is_available(peer.id)
                 records.append({"id": f"{peer.id}/{name}", "object": "model", "created": created,
                                 "owned_by": "llama-swap", "name": f"{peer.id}: {name}",
-                                "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
-                                "status": {"value": "unloaded"}})
+                                "meta": {"llamaswap": info}, "status": {"value": "unloaded"}})
+        for selector in config.selectors.values():
+            if not selector.unlisted and principal.may_use(selector.id, selector.id):
+                records.append(self._selector_record(selector, created))
+        records.extend(self._pin_records(principal, created))
         records.sort(key=lambda r: r["id"])
         return records
+
+    def _selector_record(self, selector, created: int) -> dict:
+        """A selector as llama-swap lists it: loaded when a local target is
+        ready or starting (for ``pin``: its first target)."""
+        config, processes = self.config, self.runtime.processes
+        loaded = False
+        for target in selector.targets:
+            model_id = config.real_model_name(target)
+            if model_id is not None and processes[model_id].state in (ProcessState.READY, ProcessState.STARTING):
+                loaded = True
+            if loaded or selector.strategy == "pin":
+                break
+        info = dict(thaw(selector.metadata), type="selector", strategy=selector.strategy,
+                    targets=list(selector.targets))
+        if selector.strategy == "spillover":
+            info["spillover"] = selector.spillover
+        record = {"id": selector.id, "object": "model", "created": created, "owned_by": "llama-swap"}
+        if selector.name:
+            record["name"] = selector.name
+        if selector.description:
+            record["description"] = selector.description
+        record.update(meta={"llamaswap": info}, status={"value": "loaded" if loaded else "unloaded"})
+        return record
+
+    def _pin_records(self, principal: Principal, created: int) -> list:
+        """The active profile's pins that name nothing else (``{"type": "profile"}``)."""
+        runtime = self.runtime
+        profile = self.config.profiles.get(runtime.active_profile) if runtime.active_profile else None
+        if profile is None:
+            return []
+        config = self.config
+        out = []
+        for pin, target in profile.pins.items():
+            if (not target or config.real_model_name(pin) is not None or pin in runtime.peers.routes
+                    or pin in config.selectors or not principal.may_use(pin, target)):
+                continue
+            out.append({"id": pin, "object": "model", "created": created, "owned_by": "llama-swap",
+                        "meta": {"llamaswap": {"type": "profile"}}, "status": {"value": "unloaded"}})
+        return out
 
     @app.route("/running", methods=["GET"])
     def running(self, request: IRequest) -> bytes:
@@ -279,8 +336,13 @@ class LlamaSwapApp:
             stream.write(monitor.history())
         unsubscribes = [monitor.subscribe(stream.write)]
         if monitor not in (self.hub.combined, self.hub.proxy, self.hub.upstream):
-            # a model's own log belongs to the running config: a reload ends the tail
-            unsubscribes.append(self.events.subscribe(lambda kind, data: stream.end(), kinds=("configReloaded",)))
+            # a model's own log: a reload that removes the model ends the tail (a restarted
+            # model's new process writes to the same log)
+            def reloaded(kind, data) -> None:
+                if all(p.logmon is not monitor for p in self.runtime.processes.values()):
+                    stream.end()
+
+            unsubscribes.append(self.events.subscribe(reloaded, kinds=("configReloaded",)))
         await self._run_stream(stream, unsubscribes)
         return b""
 
@@ -311,10 +373,14 @@ class LlamaSwapApp:
             if footprint is not None:
                 item["footprint"] = footprint
             out.append(item)
+        peers = self.runtime.peers
         for peer in config.peers.values():
             for name in peer.models:
-                out.append({"id": f"{peer.id}/{name}", "name": "", "description": "", "state": "",
-                            "unlisted": False, "peerID": peer.id})
+                item = {"id": f"{peer.id}/{name}", "name": "", "description": "", "state": "",
+                        "unlisted": False, "peerID": peer.id}
+                if peer.health_check is not None:  # llamaswap addition, as in /v1/models
+                    item["available"] = peers.is_available(peer.id)
+                out.append(item)
         return out
 
     @staticmethod
@@ -351,6 +417,9 @@ class LlamaSwapApp:
 
         def on_event(kind: str, data) -> None:
             if kind in ("modelStatus", "configReloaded", "footprint"):
+                stream.write(sse("modelStatus", self.model_status()))
+            elif kind == "peerStatus":  # a peer's health check changed its verdict
+                stream.write(sse(kind, data))
                 stream.write(sse("modelStatus", self.model_status()))
             elif kind in ("inflight", "activity", "profileChanged"):
                 stream.write(sse(kind, data))
@@ -554,25 +623,27 @@ class LlamaSwapApp:
         query = request.uri.split(b"?", 1)[1].decode("latin-1") if b"?" in request.uri else ""
         segments = raw.split("/")
         found = None
-        for i in range(len(segments), 0, -1):
+        config, routes = self.config, self.runtime.peers.routes
+        for i in range(len(segments), 0, -1):  # the longest prefix that names a local or peer model
             candidate = "/".join(segments[:i])
-            model_id = self.config.real_model_name(unquote(candidate))
-            if model_id is not None:
-                found = (model_id, candidate, "/".join(segments[i:]), i < len(segments))
+            target = resolve(config, routes, unquote(candidate))
+            if target is not None:
+                found = (target, candidate, "/".join(segments[i:]), i < len(segments))
                 break
         if found is None:
             return send_error(request, 404, "model not found")
-        model_id, prefix, remainder, has_slash = found
+        target, prefix, remainder, has_slash = found
         if not has_slash:
-            target = f"/upstream/{prefix}/" + (f"?{query}" if query else "")
+            location = f"/upstream/{prefix}/" + (f"?{query}" if query else "")
             request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
-            request.setHeader(b"location", target.encode())
+            request.setHeader(b"location", location.encode())
             return b""
         path = "/" + remainder
-        process = self.runtime.processes[model_id]
-        if process.state is not ProcessState.READY and ignored_path(path, self.config.ignore_paths):
+        model_id = target.model_id
+        if (model_id is not None and self.runtime.processes[model_id].state is not ProcessState.READY
+                and ignored_path(path, self.config.ignore_paths)):  # (a peer never swaps)
             return send_error(request, 409, f"model {model_id} is not loaded; path matches upstream.ignorePaths")
-        return defer.ensureDeferred(self.pipeline.dispatch(request, path, model_name=model_id))
+        return defer.ensureDeferred(self.pipeline.dispatch(request, path, model_name=target.name))
 
 
 MAX_MATCHED_PATH = 2048

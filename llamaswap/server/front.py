@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from ..clientaddr import TrustedProxies
 from ..config import Config
 from ..principal import Keyring, Verdict, authorize
-from .http import header, peer_ip, send_error
+from .http import header, peer_ip, render_deferred, send_error
 
 CORS_DEFAULT_HEADERS = "Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -50,6 +50,10 @@ class FrontResource(Resource):
     #: ``(request) -> bytes | None``: what a browser's page load refused with a 401 gets
     #: instead of the error (the web UI's sign-in page, ``ui.py``), or None
     signin: Optional[Callable[[IRequest], Optional[bytes]]] = None
+    #: ``{(method, path): handler}``: routes served without Klein's routing (the
+    #: model-dispatched ones, see ``LlamaSwapApp.fast_routes``); a handler takes the
+    #: request and returns a Deferred of what remains to write
+    routes: dict = {}
 
     def __init__(self, inner: Resource, config: Callable[[], Config], clock):
         super().__init__()
@@ -112,6 +116,9 @@ class FrontResource(Resource):
             status, message, headers = refused
             page = self.signin(request) if status == 401 and self.signin is not None else None
             return page if page is not None else send_error(request, status, message, headers=headers)
+        handler = self.routes.get((request.method, request.path))
+        if handler is not None:
+            return render_deferred(request, handler)
         return self.inner.render(request)
 
     def check(self, request: IRequest, method: bytes, path: bytes, length: Optional[int]):

@@ -16,9 +16,12 @@ Everything here works on any ``IRequest``, so the proxy pipeline
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Callable, Optional
 
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
 
 from ..principal import NO_KEY, Principal
 from .errors import render_error
@@ -122,3 +125,38 @@ def abort_connection(request: IRequest) -> None:
     if transport is not None:
         transport.abortConnection()
 
+
+
+_log = Logger()
+
+
+def render_deferred(request: IRequest, handler: Callable[[IRequest], defer.Deferred]):
+    """Run ``handler(request)`` (a Deferred of what remains to write) as
+    Klein runs a route: the result is written and the request finished; a
+    client that goes away cancels the Deferred; a failure is logged and
+    answered 500.  Returns ``NOT_DONE_YET`` for ``render``."""
+    gone = []
+    request.notifyFinish().addBoth(gone.append)
+    d = handler(request)
+    request.notifyFinish().addErrback(lambda _: d.cancel())
+
+    def written(body) -> None:
+        if gone:
+            return
+        if body:
+            request.write(body)
+        request.finish()
+
+    def failed(failure) -> None:
+        if gone:
+            if not failure.check(defer.CancelledError):
+                _log.failure("request failed after the client went away", failure)
+            return
+        _log.failure("request failed", failure)
+        if not request.startedWriting:
+            written(send_error(request, 500, "internal error"))
+        else:
+            abort_connection(request)
+
+    d.addCallbacks(written, failed)
+    return NOT_DONE_YET

@@ -8,6 +8,8 @@ import { StateBadge, ErrorNote } from "../components/ui.js";
 
 const CAPS = { vision: "vision", function_calling: "tools", audio_transcriptions: "transcription", audio_speech: "speech",
   image_generation: "images", image_to_image: "img2img", reranker: "rerank" };
+// /v1/models records that name no model of their own (shown in their own cards, or not at all)
+const NOT_MODELS = ["alias", "selector", "profile"];
 
 /** /v1/models (what this key may use), refetched when the set of models or states change. */
 export function useModelRecords(refreshKey) {
@@ -39,9 +41,10 @@ export function useModels() {
   if (status) {
     rows = status.map((m) => ({ ...m, record: byId.get(m.id) }));
   } else {
-    rows = (records.data || []).filter((r) => r.meta?.llamaswap?.type !== "alias" && r.meta?.llamaswap?.type !== "selector").map((r) => ({
+    rows = (records.data || []).filter((r) => !NOT_MODELS.includes(r.meta?.llamaswap?.type)).map((r) => ({
       id: r.id, name: r.name || "", description: r.description || "", unlisted: false,
       peerID: r.meta?.llamaswap?.peerID || "", aliases: r.meta?.llamaswap?.aliases,
+      available: r.meta?.llamaswap?.available,
       state: r.meta?.llamaswap?.peerID ? "" : r.status?.value === "loaded" ? "ready" : "stopped", record: r,
     }));
   }
@@ -201,7 +204,7 @@ export function ModelsPage() {
       <h2 style="margin-top:1.2rem">Peers</h2>
       ${[...byPeer.entries()].map(([peer, models]) => html`
         <div class="card" data-peer=${peer}>
-          <h3>${peer}</h3>
+          <h3>${peer}${models.some((m) => m.available === false) && html` <span class="chip" data-available="false">unavailable</span>`}</h3>
           ${models.map((m) => html`<span class="chip mono">${m.id}</span>`)}
         </div>`)}`}
     <div class="grid" style="margin-top:1rem">

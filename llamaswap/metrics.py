@@ -109,6 +109,7 @@ class InferenceMetrics:
                                     buckets=LATENCY_BUCKETS, registry=registry)
         registry.register(_LiveGauges(runtime))
         self._starting: dict[str, float] = {}
+        self._children: dict = {}  # (metric, label values) -> child: labels() takes a lock and builds a tuple
         events.subscribe(self._on_event, kinds=("swap", "modelStatus"))
 
     def _on_event(self, kind: str, data) -> None:
@@ -124,21 +125,29 @@ class InferenceMetrics:
             elif state in ("stopped", "stopping", "shutdown"):
                 self._starting.pop(model, None)
 
+    def _child(self, metric, *values: str):
+        """``metric.labels(*values)``, remembered (label sets never go away here)."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def request_done(self, model: str, path: str, status: int, seconds: float, key: str = "-") -> None:
-        self.requests.labels(model, path, str(status), key).inc()
-        self.duration.labels(model).observe(seconds)
+        self._child(self.requests, model, path, str(status), key).inc()
+        self._child(self.duration, model).observe(seconds)
 
     def first_byte(self, model: str, seconds: float) -> None:
-        self.ttfb.labels(model).observe(seconds)
+        self._child(self.ttfb, model).observe(seconds)
 
     def waited(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(seconds)
+        self._child(self.queue_wait, model).observe(seconds)
 
     def count_tokens(self, model: str, tokens, key: str = "-") -> None:
         for kind, value in (("input", tokens.input_tokens), ("output", tokens.output_tokens),
                             ("cached", tokens.cache_tokens)):
             if value > 0:
-                self.tokens.labels(model, kind, key).inc(value)
+                self._child(self.tokens, model, kind, key).inc(value)
 
     def key_refused(self, key: str, reason: str) -> None:
         """``reason``: model (out of scope), concurrency_limit or rate_limit_exceeded."""

@@ -502,6 +502,35 @@ class PruneAndPersistenceTests(StoreTestMixin, TestCase):
         self.assertEqual(ids, list(range(1, 11)))
 
 
+class DelayedBatchTests(StoreTestMixin, TestCase):
+    """Rows go to the worker in batches (one thread hop for many requests),
+    and a read never misses a row added before it."""
+
+    @inlineCallbacks
+    def test_rows_of_a_burst_go_together(self) -> None:
+        store = yield self.open_store()
+        hops = []
+        call = store._call
+        store._call = lambda job: (hops.append(job), call(job))[1]
+        ids = yield gatherResults([store.add(entry(i)) for i in range(1, 21)])
+        self.assertEqual(ids, list(range(1, 21)))
+        self.assertEqual(len(hops), 1)  # twenty rows, one hop
+
+    @inlineCallbacks
+    def test_a_read_sees_rows_added_before_it(self) -> None:
+        store = yield self.open_store()
+        store.add(entry(1))
+        first = yield self.ids(store)  # at once: the pending row is queued ahead of the read
+        self.assertEqual(first, [1])
+        store.add(entry(2))  # pending, waiting for its batch
+        store._write_pending()  # a batch under way ...
+        store.add(entry(3))  # ... and a row behind it
+        ids = yield self.ids(store)
+        self.assertEqual(ids, [3, 2, 1])
+        stats = yield store.stats()
+        self.assertEqual(stats["total_requests"], 3)
+
+
 class StatsTests(StoreTestMixin, TestCase):
     """Totals and histograms."""
 

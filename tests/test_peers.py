@@ -15,6 +15,7 @@ import socket
 import textwrap
 
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -33,7 +34,8 @@ DEAD = "http://127.0.0.1:1"  # nothing listens on port 1: connections are refuse
 class Broken(Resource):
     """An upstream that fails: ``"500"`` answers every path 500 with a JSON
     error; ``"cut"`` sends a 200 stream head and one event, then drops the
-    connection (``"ok"``: it has recovered, 200 to everything).  ``hits``
+    connection; ``"hang"`` never answers (``"ok"``: it has recovered, 200 to
+    everything).  ``hits``
     lists the paths asked for (health checks included)."""
 
     isLeaf = True
@@ -51,6 +53,8 @@ class Broken(Resource):
             return b'{"error":{"message":"boom"}}'
         if self.mode == "ok":
             return b"{}"
+        if self.mode == "hang":  # read the request, never answer it
+            return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(b'data: {"choices":[{"delta":{"content":"par"}}]}\n\n')
         reactor.callLater(0.05, request.channel.transport.abortConnection)
@@ -363,8 +367,8 @@ class SelectorTests(PeerHarness):
               fail: {{strategy: failover, targets: [sick/m1]}}
         """)
         yield self.wait_for(lambda: not self.runtime.peers.is_available("sick"))
-        for name, message in (("spill", "selector 'spill' has no available spillover targets"),
-                              ("fail", "selector 'fail' has no available targets")):
+        for name, message in (("spill", 'selector "spill" has no available spillover targets'),
+                              ("fail", 'selector "fail" has no available targets')):
             code, reply = yield self.ask(name)
             self.assertEqual((code, reply["error"]["message"]), (503, message))
         self.assertEqual(resource.hits, [b"/health"])  # the check only: no request tried the peer
@@ -483,3 +487,17 @@ class FailoverTests(PeerHarness):
         self.assertIn(False, [m.get("available") for m in statuses[0] if m["id"] == "sick/m1"])
         self.assertIn(True, [m.get("available") for m in statuses[-1] if m["id"] == "sick/m1"])
         stream.transport.stopProducing()
+
+    @defer.inlineCallbacks
+    def test_a_health_check_that_times_out_says_so(self):
+        """A peer that never answers its check is unavailable, and the log says
+        why in words ("health check timed out"), not as a list of failures."""
+        resource, port = self.broken("hang")
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.start(self.failover_config(
+            "slow/m1", slow=f'proxy: "http://127.0.0.1:{port}", models: [m1], healthCheck: {{interval: 0.2}}'))
+        yield self.wait_for(lambda: not self.runtime.peers.is_available("slow"))
+        [text] = [formatEvent(e) for e in logged if "is unavailable" in e.get("log_format", "")]
+        self.assertEqual(text, "peer slow is unavailable: health check timed out")

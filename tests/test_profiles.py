@@ -98,3 +98,48 @@ class ProfileTests(Harness):
         self.assertIsNone(json.loads(body)["active"])
         response, _ = yield self.chat("chat")
         self.assertEqual(response.code, 404)
+
+
+UPSTREAM_CONFIG = f"""
+    healthCheckTimeout: 15
+    groups:
+      all: {{swap: false, members: [A, B]}}
+    models:
+      A: {{cmd: "{responder('--respond A')}", aliases: [a1]}}
+      B: {{cmd: "{responder('--respond B')}"}}
+    selectors:
+      sel: {{strategy: pin, targets: [A]}}
+    profiles:
+      p:
+        pins: {{zz: B, pub: a1, "pub/deep": B, A: ~, tosel: sel}}
+"""
+
+
+class UpstreamPinTests(Harness):
+    """``/upstream/<model>/...`` takes the active profile's pins too
+    (reference §2.8: the longest pinned prefix; selectors do not apply there)."""
+
+    put_active = ProfileTests.put_active
+
+    @defer.inlineCallbacks
+    def test_pins_apply_to_upstream_paths(self):
+        self.start(UPSTREAM_CONFIG)
+        response, _ = yield self.get("/upstream/pub/test")
+        self.assertEqual(response.code, 404)  # no profile: "pub" names nothing
+        self.assertEqual((yield self.put_active("p"))[0], 200)
+        for path, answer in (("/upstream/pub/test", b"A"), ("/upstream/pub/deep/test", b"B"),
+                             ("/upstream/B/test", b"B")):
+            response, body = yield self.get(path)
+            self.assertEqual((response.code, body), (200, answer), path)
+        for path in ("/upstream/A/test", "/upstream/tosel/test"):  # switched off; a selector is no model here
+            response, body = yield self.get(path)
+            self.assertEqual((response.code, json.loads(body)["error"]["message"]), (404, "model not found"), path)
+        response = yield self.request("GET", "/upstream/zz", allow_redirects=False)  # the redirect names what the pin routes to
+        yield response.content()
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")), (301, ["/upstream/B/"]))
+
+    @defer.inlineCallbacks
+    def test_listed_pins_are_sorted(self):
+        self.start(UPSTREAM_CONFIG)
+        _, body = yield self.get("/api/profiles")
+        self.assertEqual(list(json.loads(body)["profiles"][0]["pins"]), ["A", "pub", "pub/deep", "tosel", "zz"])

@@ -20,6 +20,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent
 
 from llamaswap.config import ModelConfig, load_config_text
 from llamaswap.config.diff import PROCESS_FIELDS, diff, restart_settings
@@ -29,6 +30,7 @@ from llamaswap.router.scheduler import MSG_NOT_FOUND, Outcome, Scheduler
 from llamaswap.service import ConfigWatcher, SighupReload
 from llamaswap.process import ProcessState
 from tests.test_e2e import Harness, free_run, pid_alive
+from tests.test_faults_upstream import _Body
 from tests.test_process_machine import MachineTestCase
 from tests.test_scheduler import Recorder
 
@@ -426,3 +428,23 @@ class LiveReloadTests(Harness):
         self.assertEqual(self.pid("A"), pid_a)
         self.assertFalse(pid_alive(pid_b))
         self.assertEqual(set(results), {200})
+
+    @defer.inlineCallbacks
+    def test_config_reloaded_reaches_the_event_stream(self):
+        """``/api/events`` carries ``configReloaded`` (as the README says), then the new model list."""
+        self.begin({"A": "A", "B": "B"})
+        response = yield Agent(reactor, pool=self.pool).request(b"GET", (self.base + "/api/events").encode())
+        stream = _Body()
+        response.deliverBody(stream)
+        yield stream.first
+        self.reload({"A": "A", "C": "C"})
+
+        def frames(kind: bytes) -> list:
+            return [json.loads(json.loads(line[5:])["data"]) for line in stream.data.splitlines()
+                    if line.startswith(b"data:") and b'"type":"' + kind + b'"' in line]
+
+        yield self.wait_for(lambda: frames(b"configReloaded"))
+        self.assertEqual(frames(b"configReloaded"), [
+            {"added": ["C"], "removed": ["B"], "changed": [], "restarted": [], "evicted": []}])
+        yield self.wait_for(lambda: any({m["id"] for m in f} == {"A", "C"} for f in frames(b"modelStatus")))
+        stream.transport.stopProducing()

@@ -123,7 +123,7 @@ class StrategyTests(SynchronousTestCase):
         self.states["B"] = STOPPING
         with self.assertRaises(NoTarget) as caught:
             self.choose(sel, targets)
-        self.assertEqual(str(caught.exception), "selector 's' has no available spillover targets")
+        self.assertEqual(str(caught.exception), 'selector "s" has no available spillover targets')
         self.down = set()
         self.assertEqual(self.choose(sel, targets)[0], ["p/m"])
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -240,6 +241,13 @@ class PeerSet:
 
 
 def _reason(failure: Failure) -> str:
-    if failure.check(defer.TimeoutError, defer.CancelledError):
+    """Why a health check failed, in words.  The agent wraps what went wrong
+    in a list (``ResponseNeverReceived``, ``ResponseFailed``): a check cut by
+    its timeout fails with ``[CancelledError]`` there, not a ``TimeoutError``."""
+    if failure.check(defer.TimeoutError, defer.CancelledError, ConnectingCancelledError):
         return "timed out"
+    nested = getattr(failure.value, "reasons", None)
+    if nested and all(isinstance(f, Failure) for f in nested):
+        reasons = list(dict.fromkeys(_reason(f) for f in nested))
+        return "timed out" if "timed out" in reasons else "; ".join(reasons)
     return failure.getErrorMessage() or failure.type.__name__

@@ -26,6 +26,7 @@ process states and peer health, and keeps one :class:`SpilloverCounts`.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Optional, Sequence
 
 from ..config import Selector
@@ -82,7 +83,7 @@ def choose(selector: Selector, targets: Sequence[Target], state_of: StateOf, ava
     reserves (``release`` must then be called once the request is done).
     Raises :class:`NoTarget` when nothing can serve."""
     if not targets:
-        raise NoTarget(f"selector {selector.id!r} has no targets")
+        raise NoTarget(f"selector {_q(selector.id)} has no targets")
     strategy = selector.strategy
     if strategy == "pin":
         return [targets[0]], None
@@ -94,9 +95,9 @@ def choose(selector: Selector, targets: Sequence[Target], state_of: StateOf, ava
     if strategy == "failover":
         usable = [t for t in targets if t.peer is None or available(t.peer.peer)]
         if not usable:
-            raise NoTarget(f"selector {selector.id!r} has no available targets")
+            raise NoTarget(f"selector {_q(selector.id)} has no available targets")
         return usable, None
-    raise NoTarget(f"unknown selector strategy {strategy!r}")
+    raise NoTarget(f"unknown selector strategy {_q(strategy)}")
 
 
 def _warmest(targets: Sequence[Target], state_of: StateOf) -> Target:
@@ -126,11 +127,16 @@ def _spill(selector: Selector, targets: Sequence[Target], state_of: StateOf, ava
             cold.append(target)
     if not active:
         if not cold:
-            raise NoTarget(f"selector {selector.id!r} has no available spillover targets")
+            raise NoTarget(f"selector {_q(selector.id)} has no available spillover targets")
         return cold[0]
     if min(counts.count(selector.id, t.label) for t in active) < selector.spillover or not cold:
         return counts.least_busy(selector.id, active)
     return cold[0]
+
+
+def _q(text: str) -> str:
+    """``text`` quoted as Go's ``%q`` quotes it (llama-swap's messages: ``selector "x" ...``)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def selector_targets(selector: Selector, resolve: Callable[[str], Optional[Target]]) -> list[Target]:

@@ -19,7 +19,7 @@ import re
 import sqlite3
 import time
 from typing import Callable, Optional
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from klein import Klein
 from prometheus_client import generate_latest
@@ -417,6 +417,8 @@ class LlamaSwapApp:
 
         def on_event(kind: str, data) -> None:
             if kind in ("modelStatus", "configReloaded", "footprint"):
+                if kind == "configReloaded":  # what the reload added, removed, changed, restarted, evicted
+                    stream.write(sse(kind, data))
                 stream.write(sse("modelStatus", self.model_status()))
             elif kind == "peerStatus":  # a peer's health check changed its verdict
                 stream.write(sse(kind, data))
@@ -463,7 +465,7 @@ class LlamaSwapApp:
     @app.route("/api/profiles", methods=["GET"])
     def profiles(self, request: IRequest) -> bytes:
         profiles = [{"id": name, "description": p.description,
-                     "pins": {k: (v if v is not None else "") for k, v in p.pins.items()}}
+                     "pins": {k: (v if v is not None else "") for k, v in sorted(p.pins.items())}}
                     for name, p in sorted(self.config.profiles.items())]
         return send_json(request, {"active": self.runtime.active_profile, "profiles": profiles})
 
@@ -622,6 +624,12 @@ class LlamaSwapApp:
         raw = request.uri.split(b"?", 1)[0][len(b"/upstream/"):].decode("latin-1")
         query = request.uri.split(b"?", 1)[1].decode("latin-1") if b"?" in request.uri else ""
         segments = raw.split("/")
+        pin = self._upstream_pin(segments)
+        if pin is not None:  # the active profile's longest pin prefix (selectors do not apply here)
+            length, pinned_to = pin
+            if not pinned_to:  # a pin to ""/~: that name is switched off
+                return send_error(request, 404, "model not found")
+            segments = quote(pinned_to, safe="/").split("/") + segments[length:]
         found = None
         config, routes = self.config, self.runtime.peers.routes
         for i in range(len(segments), 0, -1):  # the longest prefix that names a local or peer model
@@ -644,6 +652,18 @@ class LlamaSwapApp:
                 and ignored_path(path, self.config.ignore_paths)):  # (a peer never swaps)
             return send_error(request, 409, f"model {model_id} is not loaded; path matches upstream.ignorePaths")
         return defer.ensureDeferred(self.pipeline.dispatch(request, path, model_name=target.name))
+
+    def _upstream_pin(self, segments: list) -> "Optional[tuple[int, str]]":
+        """The active profile's pin for the longest leading ``segments`` that
+        it pins, as llama-swap: ``(segments it covers, target)``, else None."""
+        runtime = self.runtime
+        if runtime.active_profile is None:
+            return None
+        for i in range(len(segments), 0, -1):
+            pinned, target = runtime.pinned(unquote("/".join(segments[:i])))
+            if pinned:
+                return i, target or ""
+        return None
 
 
 MAX_MATCHED_PATH = 2048

@@ -15,7 +15,8 @@ not parsed, so Twisted's ``_parseContentType`` is never on our path; the
 HTTP/1.1 server channel is our own (``llamaswap.server.fast``, on httptools),
 so ``HTTPChannel``'s ``_command``/``_path``, ``_receivedHeaderSize``,
 ``_respondToBadRequestAndDisconnect`` and ``_GenericHTTPChannelProtocol`` are
-no longer used; the request-line and refusal tests below keep what they gave.
+no longer used: what they gave (the request line while the body is coming,
+the 400/431 refusals) is tested with the channel, in ``tests/test_fast_server.py``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 
 from llamaswap.httpclient import UpstreamPool, _Protocol, _QuietFactory
-from llamaswap.server.access import AccessLogSite, request_line
-from llamaswap.server.fast import FastChannel
+from llamaswap.server.access import AccessLogSite
 
 
 class _Front(Resource):
@@ -69,78 +69,6 @@ def _connect(front: Resource) -> tuple:
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
-
-
-class RequestLineTests(SynchronousTestCase):
-    """The request line is known while the body is still coming (``request_line``),
-    so the front checks API key and size before a body is stored."""
-
-    def test_attributes_while_the_body_is_coming(self):
-        front = _Front()
-        protocol, transport = _connect(front)
-        seen = []
-        factory = protocol.site.requestFactory
-
-        def request(channel, queued):
-            made = factory(channel, queued=queued)
-            original = made.gotLength
-            made.gotLength = lambda length: (seen.append(request_line(made)), original(length))
-            return made
-
-        protocol.site.requestFactory = request
-        protocol.dataReceived(b"POST /v1/chat/completions?stream=true HTTP/1.1\r\nHost: x\r\n"
-                              b"Content-Length: 2\r\n\r\n")
-        self.assertEqual(seen, [(b"POST", b"/v1/chat/completions")])
-        protocol.site.requestFactory = factory
-
-    def test_the_front_checks_before_the_body(self):
-        front = _Front()
-        protocol, transport = _connect(front)
-        protocol.dataReceived(b"POST /v1/embeddings?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
-        self.assertEqual(front.checks, [(b"POST", b"/v1/embeddings", 2)])
-        protocol.dataReceived(b"{}")
-        self.assertIn(b"\r\n\r\nok", transport.value())
-
-    def test_chunked_body(self):
-        front = _Front()
-        protocol, transport = _connect(front)
-        protocol.dataReceived(b"PUT /upstream/m/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        self.assertEqual(front.checks, [(b"PUT", b"/upstream/m/x", None)])
-
-    def test_refused_before_the_body(self):
-        front = _Front(refuse=(401, "unauthorized", None))
-        protocol, transport = _connect(front)
-        protocol.dataReceived(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-        self.assertEqual(front.rendered, [((401, "unauthorized", None), b"")])  # the body was never stored
-
-
-class ChannelTests(SynchronousTestCase):
-    """What the channel answers to heads it will not serve."""
-
-    def test_the_site_builds_our_channel(self):
-        protocol, transport = _connect(_Front())
-        self.assertIsInstance(protocol, FastChannel)
-        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertIn(b"\r\n\r\nok", transport.value())
-
-    def test_oversized_head_is_431(self):
-        protocol, transport = _connect(_Front())
-        header = b"X-Big: " + b"a" * 8000 + b"\r\n"
-        protocol.dataReceived(b"GET /health HTTP/1.1\r\n" + header * 3 + b"\r\n")
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
-
-    def test_endless_header_line_is_431(self):
-        protocol, transport = _connect(_Front())
-        protocol.dataReceived(b"GET /health HTTP/1.1\r\nX-Big: ")
-        for _ in range(10):
-            protocol.dataReceived(b"a" * 8000)
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
-
-    def test_bad_request(self):
-        protocol, transport = _connect(_Front())
-        protocol.dataReceived(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
-        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                                            b"Content-Length: 15\r\nConnection: close\r\n\r\n400 Bad Request")
 
 
 class FormParsingTests(SynchronousTestCase):

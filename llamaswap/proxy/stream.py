@@ -437,11 +437,11 @@ def forward(
                 Failure(UpstreamRejected(head, b"".join(kept.pieces)[:REJECT_BODY_LIMIT]))))
             return
         try:
+            if on_headers is not None:
+                on_headers(response)
             if write_head:
                 request.setResponseCode(response.code, response.phrase)
                 copy_response_headers(response, request)
-            if on_headers is not None:
-                on_headers(response)
             relay = _Relay(request, done, on_chunk, clock, body_idle)
             relay_holder["relay"] = relay
             response.deliverBody(relay)

@@ -255,8 +255,9 @@ class UpstreamConnection(Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is None:
             return
-        if exchange.head is not None and exchange.body_until_close:
-            exchange.complete()  # a body delimited by the connection's end
+        # a body delimited by the connection's end; not when bodyIdle dropped the connection
+        if exchange.head is not None and exchange.body_until_close and exchange.idle_call is not False:
+            exchange.complete()
             return
         exchange.failed(reason or Failure(ConnectionDone()), retry=not exchange.got_bytes and self.uses > 1)
 
@@ -316,11 +317,20 @@ class UpstreamConnection(Protocol):
     def _message_done(self, exchange: "_Exchange") -> None:
         self.exchange = None
         reusable = self.parser.should_keep_alive() and not exchange.body_held and not self.lost
-        exchange.complete()
+        if self.sender is not None:
+            # answered before the whole body went out (a 413, a 401): the rest of the body would
+            # still be due on this connection, so it is not reused
+            if self.sender.transport is not None:
+                reusable = False
+                self.sender.stop()
+            self.sender = None
+        # parked (or closed) before the exchange's Deferred fires: a caller that sends its next
+        # request from that callback finds this connection in the pool
         if reusable:
             self.pool.release(self)
         else:
             self.transport.loseConnection()
+        exchange.complete()
 
 
 class _ConnectionFactory(Factory):
@@ -461,6 +471,9 @@ class _Exchange:
         self.body_held = hold
         connection.send(self, self.request_head, self.request_body, hold)
         if hold:
+            # a retry's own wait: the stale attempt's timer would release the body early on this one
+            if self.continue_call is not None and self.continue_call.active():
+                self.continue_call.cancel()
             self.continue_call = self.clock.callLater(self.continue_wait, self._release_body)
 
     def _release_body(self) -> None:
@@ -495,11 +508,11 @@ class _Exchange:
             self._finish_error(Failure(UpstreamBroke("the client went away")))
             return
         try:
+            if self.on_headers is not None:
+                self.on_headers(head)
             if self.write_head:
                 request.setResponseCode(head.code, head.phrase or None)
                 copy_headers(head, request)
-            if self.on_headers is not None:
-                self.on_headers(head)
         except Exception:
             self.abort()
             self._finish_error(Failure())

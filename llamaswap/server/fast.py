@@ -32,7 +32,10 @@ What the channel does itself:
   buffer pauses the producer the current request registered (the upstream
   relay), and a client that leaves it full for the site's ``send_timeout``
   loses its connection (nginx's send_timeout);
-* an idle keep-alive connection is closed after the site's ``timeout``;
+* an idle keep-alive connection is closed after the site's ``timeOut``
+  (``Site(timeout=...)``, 60 s by default);
+* ``Upgrade`` (h2c, websocket) is ignored, as twisted.web ignores it: the
+  request is answered over HTTP/1.1 (one with a body is answered 400);
 * a lost connection is reported to every request not yet answered
   (``Request.connectionLost``), which cancels what they were doing.
 """
@@ -63,6 +66,10 @@ _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0", "0.9": b"HTTP/0.9"}
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback: the head is over ``MAX_HEAD`` (answered 431)."""
+
+
+class _Unparseable(Exception):
+    """Raised from a parser callback: a request the channel cannot serve (answered 400)."""
 
 
 class _Stream:
@@ -164,10 +171,19 @@ class FastChannel(Protocol):
         if self.idle is not None:
             self._disarm_idle()
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(400)
-            return
+            while True:
+                try:
+                    self.parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as upgrade:
+                    # An Upgrade (h2c from ``curl --http2``, a websocket attempt) is ignored, as
+                    # twisted.web ignores it: the request was dispatched over HTTP/1.1 (httptools
+                    # completes it before raising) and the client, with no 101, goes on in
+                    # HTTP/1.1.  httptools resumes after the upgrade; the bytes after the
+                    # request are parsed as the next request.
+                    data = data[upgrade.args[0]:] if upgrade.args else b""
+                    if not data or self.refusing:
+                        break
         except httptools.HttpParserError:
             if not self.refusing:
                 self._refuse(431 if self._head_size > MAX_HEAD else 400)
@@ -220,6 +236,11 @@ class FastChannel(Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
+        if parser.should_upgrade() and any(
+                name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers):
+            # an Upgrade with a body: httptools would complete the request without it and hand
+            # the body over as the new protocol's bytes; refused (400) rather than served bodiless
+            raise _Unparseable()
         method = parser.get_method()
         version = _VERSIONS.get(parser.get_http_version(), b"HTTP/1.1")
         persistent = version == b"HTTP/1.1" and parser.should_keep_alive()
@@ -247,7 +268,8 @@ class FastChannel(Protocol):
             self._pause_reading()
         request.parseCookies()
         request.gotLength(None if chunked else (length or 0))  # no length, not chunked: no body
-        if expect and request.refused is None:
+        # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
+        if expect and request.refused is None and version == b"HTTP/1.1":
             stream.continue_wanted = True
             if self.queue[0] is stream:
                 self._send_continue(stream)
@@ -277,14 +299,17 @@ class FastChannel(Protocol):
         self.producer = None
         if self.lost:
             return
+        # A response that closes the connection comes first: what the client pipelined after
+        # it (llhttp refuses bytes after "Connection: close": a pending 400) is never answered.
+        if not stream.persistent:
+            self.refusing = True  # nothing more is parsed
+            self.refusal = None
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            return
         if self.refusal is not None and not self.queue:
             status, self.refusal, self.refusing = self.refusal, None, False
             self._refuse(status)
-            return
-        if not stream.persistent:
-            self.refusing = True  # nothing more is parsed
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
             return
         if self.reading_paused and len(self.queue) <= MAX_QUEUED:
             self._resume_reading()
@@ -343,7 +368,8 @@ class FastChannel(Protocol):
 
     # -- idle keep-alive connections --
     def _arm_idle(self) -> None:
-        timeout = getattr(self.site, "timeout", None)
+        # Twisted's name for it: ``Site(timeout=...)`` sets ``timeOut`` (60 s by default)
+        timeout = getattr(self.site, "timeOut", None)
         if timeout and self.idle is None and not self.lost:
             self.idle = self.site.clock.callLater(timeout, self._idle_expired)
 

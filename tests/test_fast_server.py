@@ -189,12 +189,15 @@ class RequestLineTests(SynchronousTestCase):
         self.assertEqual(front.rendered, [((401, "unauthorized", None), b"")])  # the body was never stored
 
     def test_refused_request_gets_no_continue(self):
-        """A request the front refuses from its head is not invited to send its body."""
+        """A request the front refuses from its head is not invited to send its
+        body: it gets its answer at once."""
         front = _Front(refuse=(401, "unauthorized", None))
         protocol, transport = _connect(front)
         protocol.dataReceived(_get(b"/v1/completions", b"Content-Length: 5", b"Expect: 100-continue",
                                    method=b"POST"))
-        self.assertEqual(transport.value(), b"")
+        self.assertNotIn(CONTINUE, transport.value())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))  # what _Front renders
+        self.assertEqual(front.rendered, [((401, "unauthorized", None), b"")])
 
 
 class ChannelTests(SynchronousTestCase):
@@ -447,6 +450,53 @@ class ContinueTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         protocol.dataReceived(b"abc")
         self.assertTrue(transport.value().startswith(b"HTTP/1.0 200 OK\r\n"))
+
+
+class EarlyAnswerTests(SynchronousTestCase):
+    """A request refused before its body is all in is answered at once, and
+    the connection closes with a lingering close: an upload over the limit is
+    never waited for."""
+
+    def assert_lingering(self, protocol, transport) -> None:
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.write_closed)
+        written = transport.value()
+        protocol.dataReceived(b"x" * 100_000)  # the rest of the body: read and dropped
+        self.assertEqual(transport.value(), written)
+        self.assertFalse(transport.disconnecting)
+        protocol.site.clock.advance(FastChannel.LINGER)
+        self.assertTrue(transport.disconnecting)
+
+    def test_declared_length_refused_from_the_head(self):
+        front = _Front(refuse=(413, "request body too large", None))
+        protocol, transport = _connect(front, _HalfClosing())
+        protocol.dataReceived(_get(b"/v1/embeddings", b"Content-Length: 10000000000", method=b"POST"))
+        self.assertEqual(front.rendered, [((413, "request body too large", None), b"")])
+        self.assert_lingering(protocol, transport)
+
+    def test_chunked_body_over_the_limit_answered_while_reading(self):
+        front = _Front()  # body_limit: 1 MiB
+        protocol, transport = _connect(front, _HalfClosing())
+        protocol.dataReceived(_get(b"/v1/embeddings", b"Transfer-Encoding: chunked", method=b"POST"))
+        protocol.dataReceived(b"80000\r\n" + b"a" * 0x80000 + b"\r\n")  # 512 KiB: within the limit
+        self.assertEqual((front.rendered, transport.value()), ([], b""))
+        protocol.dataReceived(b"80001\r\n" + b"a" * 0x80001 + b"\r\n")  # past it: answered now
+        self.assertEqual(front.rendered, [((413, "request body too large", None), b"")])
+        self.assert_lingering(protocol, transport)
+
+    def test_early_answer_waits_for_a_pipelined_request_before_it(self):
+        resource = _Resource()
+        front = _Front(refuse=(401, "unauthorized", None))
+        protocol, transport = _connect(resource, _HalfClosing())
+        protocol.dataReceived(_get(b"/hold"))
+        protocol.site.front = front  # the next request is refused from its head
+        protocol.dataReceived(_get(b"/v1/completions", b"Content-Length: 5000", method=b"POST"))
+        self.assertEqual(transport.value(), b"")  # not inside the held response
+        [held] = resource.held
+        held.write(b"held")
+        held.finish()
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 2)
+        self.assertTrue(transport.write_closed)
 
 
 class RefusalTests(SynchronousTestCase):

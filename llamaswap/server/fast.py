@@ -87,7 +87,9 @@ class _Stream:
         self.version = version
         self.persistent = persistent
         self.request = None
-        self.complete = False
+        self.complete = False  # the whole request (body included) is in
+        self.early = False  # answered before its body is in (see FastChannel._answer_early)
+        self.started = False  # handed to the Site
         self.continue_wanted = False
         self.done = False
 
@@ -269,18 +271,24 @@ class FastChannel(Protocol):
         request.parseCookies()
         request.gotLength(None if chunked else (length or 0))  # no length, not chunked: no body
         # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
-        if expect and request.refused is None and version == b"HTTP/1.1":
+        if request.refused is not None and (chunked or length):
+            self._answer_early(stream)  # refused by its head: its body is never waited for
+        elif expect and request.refused is None and version == b"HTTP/1.1":
             stream.continue_wanted = True
             if self.queue[0] is stream:
                 self._send_continue(stream)
 
     def on_body(self, body: bytes) -> None:
-        self.current.request.handleContentChunk(body)
+        stream = self.current
+        request = stream.request
+        request.handleContentChunk(body)
+        if request.refused is not None and not stream.started:  # over the body limit while reading
+            self._answer_early(stream)
 
     def on_message_complete(self) -> None:
         stream, self.current = self.current, None
         stream.complete = True
-        if self.queue and self.queue[0] is stream:
+        if self.queue and self.queue[0] is stream and not stream.started:
             self._start(stream)
 
     # -- answering in order --
@@ -290,7 +298,20 @@ class FastChannel(Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start(self, stream: _Stream) -> None:
+        stream.started = True
         stream.request.requestReceived(stream.command, stream.uri, stream.version)
+
+    def _answer_early(self, stream: _Stream) -> None:
+        """A request refused before its body is all in (API key, ``maxRequestBodyBytes``):
+        answered as soon as it is its turn, and the connection then closes with a
+        lingering close (the rest of the body is read and dropped meanwhile), so
+        a client uploading gigabytes learns at once and never has to send them."""
+        if stream.early:
+            return
+        stream.early = True
+        stream.persistent = False
+        if self.queue and self.queue[0] is stream:
+            self._start(stream)
 
     def request_done(self, stream: _Stream) -> None:
         """A response is complete: the next queued request goes, or the connection closes."""
@@ -305,7 +326,10 @@ class FastChannel(Protocol):
             self.refusing = True  # nothing more is parsed
             self.refusal = None
             self.transport.unregisterProducer()
-            self.transport.loseConnection()
+            if stream.complete:
+                self.transport.loseConnection()
+            else:  # its body is still coming: read and drop it a while, so the client reads the answer
+                self._linger_close()
             return
         if self.refusal is not None and not self.queue:
             status, self.refusal, self.refusing = self.refusal, None, False
@@ -317,7 +341,7 @@ class FastChannel(Protocol):
             nxt = self.queue[0]
             if nxt.continue_wanted:
                 self._send_continue(nxt)
-            if nxt.complete:
+            if (nxt.complete or nxt.early) and not nxt.started:
                 self._start(nxt)
         elif self.current is None:
             self._arm_idle()
@@ -403,6 +427,12 @@ class FastChannel(Protocol):
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                              % (status, phrase, len(body), body))
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close now, close after ``LINGER`` seconds: data the client still
+        sends is read and dropped, so the close does not turn into a reset that
+        destroys the answer it has not read yet."""
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is None:
             self.transport.loseConnection()

@@ -36,30 +36,7 @@ from twisted.web.resource import Resource
 from llamaswap.httpclient import UpstreamPool, _Protocol, _QuietFactory
 from llamaswap.server.access import AccessLogSite
 
-
-class _Front(Resource):
-    """A front that records what ``LlamaSwapRequest`` asks before the body."""
-
-    isLeaf = True
-
-    def __init__(self, refuse=None):
-        super().__init__()
-        self.checks: list = []
-        self.args: list = []
-        self.rendered: list = []  # (refused, body)
-        self.refuse = refuse
-
-    def check(self, request, method, path, length):
-        self.checks.append((method, path, length))
-        return self.refuse
-
-    def body_limit(self) -> int:
-        return 1 << 20
-
-    def render(self, request):
-        self.args.append(request.args)
-        self.rendered.append((request.refused, request.content.read()))
-        return b"ok"
+from .test_fast_server import _Front
 
 
 def _connect(front: Resource) -> tuple:

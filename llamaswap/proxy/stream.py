@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from ..httpclient import quiet_pool, upstream_agent
 from .upstream import (  # noqa: F401 - the exceptions are this module's API too
-    HOP_BY_HOP, REJECT_BODY_LIMIT, RawHeaders, ResponseHead, UpstreamBodyIdle, UpstreamClient, UpstreamPool,
+    HOP_BY_HOP, REJECT_BODY_LIMIT, BytesProducer, RawHeaders, ResponseHead, UpstreamBodyIdle, UpstreamClient, UpstreamPool,
     UpstreamRejected,
     UpstreamTimeout, UpstreamUnavailable, describe_failure,
 )
@@ -48,76 +48,6 @@ _REPLACED = frozenset((b"host", b"content-length", b"x-forwarded-for", b"x-forwa
 
 # idleConn 0 means "no limit" (Go's IdleConnTimeout); the pool wants a number
 NO_IDLE_LIMIT = 10 * 365 * 86400.0
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory (it was read with a size bound).
-
-    A small body is written at once.  A large one goes ``CHUNK`` bytes per
-    reactor turn, paused while the connection's buffer is full: one write of
-    tens of MiB would hold the reactor while the transport joins and copies
-    it, and fill memory with a second copy of the body."""
-
-    CHUNK = 1 << 20
-
-    def __init__(self, body: bytes, clock=None):
-        self.body = body
-        self.length = len(body)
-        self._clock = clock
-        self._consumer = None
-        self._offset = 0
-        self._paused = False
-        self._call = None
-        self._done: Optional[defer.Deferred] = None
-
-    def startProducing(self, consumer):
-        if self.length <= self.CHUNK:
-            consumer.write(self.body)
-            return defer.succeed(None)
-        if self._clock is None:
-            from twisted.internet import reactor as clock
-            self._clock = clock
-        # cancelled by the client when the request is abandoned (disconnect,
-        # responseHeader timeout): then nothing more may be written
-        self._consumer, self._offset = consumer, 0
-        self._done = defer.Deferred(lambda d: self.stopProducing())
-        done = self._done
-        self._schedule()
-        return done
-
-    def _schedule(self) -> None:
-        if self._call is None and not self._paused and self._done is not None:
-            self._call = self._clock.callLater(0, self._step)
-
-    def _step(self) -> None:
-        self._call = None
-        if self._done is None or self._paused:
-            return
-        end = min(self._offset + self.CHUNK, self.length)
-        chunk, self._offset = self.body[self._offset:end], end
-        self._consumer.write(chunk)  # may pause us
-        if end >= self.length:
-            done, self._done = self._done, None
-            if done is not None:
-                done.callback(None)
-        else:
-            self._schedule()
-
-    def pauseProducing(self):
-        self._paused = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def resumeProducing(self):
-        self._paused = False
-        self._schedule()
-
-    def stopProducing(self):
-        # the connection went away: write nothing more, never fire
-        self.pauseProducing()
-        self._done = None
 
 
 @implementer(IBodyProducer)

@@ -36,7 +36,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IBodyProducer, IRequest
 from zope.interface import implementer
 
 from ..httpclient import UpstreamEndpoints, no_delay, tcp_keepalive
@@ -121,53 +121,98 @@ def request_head(method: bytes, target: bytes, host: bytes, port: int, headers, 
     return b"".join(lines)
 
 
-@implementer(IPushProducer)
-class _BodySender:
-    """Writes a big request body ``BODY_PIECE`` bytes per reactor turn while
-    the connection's send buffer has room (one write of tens of MiB would hold
-    the reactor and double the memory)."""
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory (it was read with a size bound).
 
-    def __init__(self, transport, body: bytes, clock):
-        self.transport, self.body, self.clock = transport, body, clock
-        self.offset = 0
-        self.paused = False
-        self.call = None
-        transport.registerProducer(self, True)
+    A small body is written at once.  A large one goes ``CHUNK`` bytes per
+    reactor turn, paused while the connection's buffer is full: one write of
+    tens of MiB would hold the reactor while the transport joins and copies
+    it, and fill memory with a second copy of the body."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, body: bytes, clock=None):
+        self.body = body
+        self.length = len(body)
+        self._clock = clock
+        self._consumer = None
+        self._offset = 0
+        self._paused = False
+        self._call = None
+        self._done: Optional[defer.Deferred] = None
+
+    def startProducing(self, consumer):
+        if self.length <= self.CHUNK:
+            consumer.write(self.body)
+            return defer.succeed(None)
+        if self._clock is None:
+            from twisted.internet import reactor as clock
+            self._clock = clock
+        # cancelled by the client when the request is abandoned (disconnect,
+        # responseHeader timeout): then nothing more may be written
+        self._consumer, self._offset = consumer, 0
+        self._done = defer.Deferred(lambda d: self.stopProducing())
+        done = self._done
         self._schedule()
+        return done
 
     def _schedule(self) -> None:
-        if self.call is None and not self.paused and self.transport is not None:
-            self.call = self.clock.callLater(0, self._step)
+        if self._call is None and not self._paused and self._done is not None:
+            self._call = self._clock.callLater(0, self._step)
 
     def _step(self) -> None:
-        self.call = None
-        if self.transport is None or self.paused:
+        self._call = None
+        if self._done is None or self._paused:
             return
-        end = min(self.offset + BODY_PIECE, len(self.body))
-        piece, self.offset = self.body[self.offset:end], end
-        transport = self.transport
-        if end >= len(self.body):
-            self.stop()
-        transport.write(piece)
+        end = min(self._offset + self.CHUNK, self.length)
+        chunk, self._offset = self.body[self._offset:end], end
+        self._consumer.write(chunk)  # may pause us
+        if end >= self.length:
+            done, self._done = self._done, None
+            if done is not None:
+                done.callback(None)
+        else:
+            self._schedule()
+
+    def pauseProducing(self):
+        self._paused = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def resumeProducing(self):
+        self._paused = False
         self._schedule()
 
+    def stopProducing(self):
+        # the connection went away: write nothing more, never fire
+        self.pauseProducing()
+        self._done = None
+
+
+class _BodySender(BytesProducer):
+    """A big request body on an upstream connection: ``BytesProducer``'s
+    pieces, with the connection's send buffer as the backpressure (the sender
+    is the transport's producer until the body is out)."""
+
+    def __init__(self, transport, body: bytes, clock):
+        super().__init__(body, clock)
+        self.transport = transport
+        transport.registerProducer(self, True)
+        self.startProducing(transport).addCallback(lambda _: self.stop())
+
     def stop(self) -> None:
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-        self.call = None
+        """No more pieces; the transport's producer slot is freed."""
+        BytesProducer.stopProducing(self)
         if self.transport is not None:
             transport, self.transport = self.transport, None
             transport.unregisterProducer()
 
-    def pauseProducing(self) -> None:
-        self.paused = True
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-        self.call = None
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._schedule()
+    def abandon(self) -> None:
+        """The connection went away: no more pieces, nothing to unregister."""
+        self.transport = None
+        BytesProducer.stopProducing(self)
 
     def stopProducing(self) -> None:
         self.stop()
@@ -246,7 +291,7 @@ class UpstreamConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.lost = True
         if self.sender is not None:
-            self.sender.transport = None
+            self.sender.abandon()
             self.sender = None
         self._cancel_idle()
         self.pool.forget(self)

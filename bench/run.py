@@ -288,7 +288,7 @@ def bench_streaming(rounds: int = 10):
     ttfb, _, _ = yield _stream_rounds(proxy, port, rounds, 20)
     d, p = statistics.median(ttfb["direct"]), statistics.median(ttfb["proxy"])
     report("time to first byte (ms, median)", f"{d * 1000:.2f}", f"{p * 1000:.2f}",
-           f"added {(p - d) * 1000:.2f} ms (target < 2 ms)")
+           f"added {(p - d) * 1000:.2f} ms (target <= 0.5 ms)")
     proxy.stop()
     port = free_port()
     proxy = Proxy(responder_config(port, "--tokens 2000"))
@@ -296,11 +296,13 @@ def bench_streaming(rounds: int = 10):
     yield warm(proxy)
     ttfb, rate, cpu_per_k = yield _stream_rounds(proxy, port, rounds, 2000)
     d, p = statistics.median(rate["direct"]), statistics.median(rate["proxy"])
-    report("relay rate (chunks/s, median)", f"{d:.0f}", f"{p:.0f}", f"ratio {p / d:.2f} (target >= 0.8)")
+    report("relay rate (chunks/s, median)", f"{d:.0f}", f"{p:.0f}", f"ratio {p / d:.2f} (target >= 0.95)")
     d, p = statistics.median(ttfb["direct"]), statistics.median(ttfb["proxy"])
     report("  first byte of that burst (ms, median)", f"{d * 1000:.2f}", f"{p * 1000:.2f}",
            "the proxy relays the first read's whole burst before the socket flushes")
-    report("proxy CPU seconds per 1,000 chunks", "-", f"{statistics.median(cpu_per_k):.4f}", "")
+    # summed over the rounds: one burst takes less CPU than the counters' 10 ms resolution
+    report("proxy CPU ms per 1,000 chunks", "-", f"{sum(cpu_per_k) / len(cpu_per_k) * 1000:.2f}",
+           "mean over the rounds")
     proxy.stop()
 
 

@@ -19,8 +19,9 @@ second by default):
   ``/api/captures/<id>`` and ``/metrics`` requests;
 * ``/api/metrics/activity`` every 20 s, an ``/api/events`` subscriber that
   reads for a few seconds then leaves every 45 s;
-* a config reload every ``--reload-every`` seconds (the file is rewritten,
-  then SIGHUP; every model is stopped and started again, as llama-swap does).
+* a config reload every ``--reload-every`` seconds (the file is rewritten with
+  model ``c``'s command changed, then SIGHUP: ``c`` restarts once its requests
+  in flight are done, ``a`` and ``b`` keep running).
 
 Every ``--interval`` seconds it samples the llamaswap process (RSS, open file
 descriptors, threads, CPU, its child processes), the store file (with its

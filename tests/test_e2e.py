@@ -203,7 +203,7 @@ class SwapTests(Harness):
         self.start(f"""
             includeAliasesInList: true
             models:
-              B: {{cmd: "{responder()}", name: Bee, metadata: {{port: "${{PORT}}"}},
+              B: {{cmd: "{responder()}", name: Bee, metadata: {{port: "${{PORT}}"}}, aliases: [b1],
                   capabilities: {{in: [text, image], out: [text], tools: true, context: 4096}}}}
               A: {{cmd: "{responder()}", aliases: [a1]}}
               H: {{cmd: "{responder()}", unlisted: true}}
@@ -214,8 +214,11 @@ class SwapTests(Harness):
         data = json.loads(body)
         self.assertEqual(data["object"], "list")
         ids = [r["id"] for r in data["data"]]
-        self.assertEqual(ids, ["A", "B", "a1", "p/m"])
-        a, b, alias, peer = data["data"]
+        self.assertEqual(ids, ["A", "B", "a1", "b1", "p/m"])
+        a, b, alias, b_alias, peer = data["data"]
+        # an alias record has the model's own fields (llama-swap: "same fields")
+        self.assertEqual((b_alias["name"], b_alias["context_length"], b_alias["meta"]["n_ctx"]), ("Bee", 4096, 4096))
+        self.assertEqual(b_alias["capabilities"], b["capabilities"])
         self.assertEqual((a["owned_by"], a["status"]["value"]), ("llama-swap", "unloaded"))
         self.assertEqual(a["meta"]["llamaswap"], {"type": "model", "aliases": ["a1"]})
         self.assertEqual(alias["meta"]["llamaswap"], {"type": "alias", "modelID": "A"})

@@ -202,6 +202,8 @@ class LlamaSwapApp:
                         continue
                     alias_record = dict(base, id=alias, status=status,
                                         meta={"llamaswap": dict(meta, type="alias", modelID=model_id)})
+                    if caps.context:  # the same fields as the model's own record
+                        alias_record["meta"]["n_ctx"] = caps.context
                     records.append(alias_record)
         peers = self.runtime.peers
         for peer in config.peers.values():

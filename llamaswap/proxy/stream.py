@@ -101,26 +101,24 @@ def wants_continue(headers: Headers) -> bool:
     return any(v.strip().lower() == b"100-continue" for v in headers.getRawHeaders(b"expect", []))
 
 
-def upstream_headers(headers: Headers, forwarded_for: bytes, proto: bytes, host: Optional[bytes]) -> Headers:
+def upstream_headers(headers: Headers, forwarded_for: bytes, proto: bytes, host: Optional[bytes]) -> RawHeaders:
     """Request headers for the upstream: hop-by-hop removed, X-Forwarded-* set.
 
     ``forwarded_for`` is the complete ``X-Forwarded-For`` value (the trusted
     chain plus our peer, see ``llamaswap.clientaddr``); the client's own
     header is replaced by it."""
-    out = Headers()
-    connection_tokens = {
-        t.strip().lower().encode() for v in headers.getRawHeaders(b"connection", []) for t in v.decode(
-            "latin-1").split(",")
-    }
+    out = RawHeaders()
+    connection = headers.getRawHeaders(b"connection")
+    connection_tokens = {t.strip().lower() for v in connection for t in v.split(b",")} if connection else ()
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in connection_tokens or lower in _REPLACED:
+        if lower in HOP_BY_HOP or lower in _REPLACED or lower in connection_tokens:
             continue
-        out.setRawHeaders(name, values)
-    out.setRawHeaders(b"x-forwarded-for", [forwarded_for])
-    out.setRawHeaders(b"x-forwarded-proto", [proto])
+        out[lower] = values
+    out[b"x-forwarded-for"] = [forwarded_for]
+    out[b"x-forwarded-proto"] = [proto]
     if host:
-        out.setRawHeaders(b"x-forwarded-host", [host])
+        out[b"x-forwarded-host"] = [host]
     return out
 
 
@@ -341,6 +339,8 @@ def forward(
         producer = ContinueBody(body, clock, expect_continue)
     else:
         producer = BytesProducer(body, clock) if body or method in (b"POST", b"PUT", b"PATCH") else None
+    if isinstance(headers, RawHeaders):  # Agent wants twisted.web's Headers
+        headers = Headers(dict(headers))
     pending = agent.request(method, url, headers, producer)
     relay_holder["pending"] = pending
     timer = None

@@ -80,13 +80,24 @@ class ResponseHead:
 
 
 class RawHeaders(dict):
-    """``{lower-case name: [values]}`` with the two reading methods of ``Headers``."""
+    """``{lower-case name: [values]}`` with the methods of twisted.web's
+    ``Headers`` the proxy uses: plain dict work, where ``Headers`` encodes and
+    checks every name and value (a dozen calls per proxied request)."""
 
     def getRawHeaders(self, name: bytes, default=None):  # noqa: N802 - Headers' name
         return self.get(name.lower(), default)
 
     def getAllRawHeaders(self):  # noqa: N802 - Headers' name
         return self.items()
+
+    def setRawHeaders(self, name: bytes, values) -> None:  # noqa: N802 - Headers' name
+        self[name.lower()] = list(values)
+
+    def removeHeader(self, name: bytes) -> None:  # noqa: N802 - Headers' name
+        self.pop(name.lower(), None)
+
+    def hasHeader(self, name: bytes) -> bool:  # noqa: N802 - Headers' name
+        return name.lower() in self
 
 
 @lru_cache(maxsize=512)  # a model's few paths: parsed once, not per request

@@ -85,10 +85,11 @@ class LlamaSwapService(MultiService):
 
     @defer.inlineCallbacks
     def drain(self, deadline: float):
-        """Wait (at most ``deadline`` s) for requests being served to finish."""
-        scheduler = self.runtime.router.scheduler
+        """Wait (at most ``deadline`` s) for requests being served to finish
+        (also those on the old processes of models a reload removed)."""
+        router = self.runtime.router
         give_up = self.reactor.seconds() + deadline
-        while self.reactor.seconds() < give_up and any(scheduler.in_flight(m) for m in scheduler.models()):
+        while self.reactor.seconds() < give_up and router.serving():
             yield task.deferLater(self.reactor, 0.1, lambda: None)
 
     def startService(self) -> None:
@@ -202,6 +203,8 @@ class ConfigWatcher(TimerService):
     A file that disappears is ignored; when it comes back that counts as a change.
     """
 
+    log = Logger()
+
     def __init__(self, root: LlamaSwapService, interval: float = defaults.WATCH_INTERVAL):
         super().__init__(interval, self.check)
         self.root = root
@@ -230,7 +233,10 @@ class ConfigWatcher(TimerService):
         missing = self.root.config_path and current and current[0] is None
         self._last = current
         if not missing:
-            self.root.reload()
+            try:
+                self.root.reload()
+            except Exception:  # logged; the watch goes on (an exception would end the TimerService's loop)
+                self.log.failure("config reload failed")
 
 
 def _stat(path: str):

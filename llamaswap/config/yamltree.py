@@ -47,7 +47,10 @@ for _first in list(_Loader.yaml_implicit_resolvers):
 
 
 def parse(text: str, source: str = "config") -> tuple[Any, Lines]:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as e:  # a character YAML never accepts (a NUL, ...)
+        raise YAMLSyntaxError(source, None, str(e)) from None
     try:
         node = loader.get_single_node()
         lines: Lines = {}

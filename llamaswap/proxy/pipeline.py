@@ -354,7 +354,9 @@ class ProxyPipeline:
         if target.peer is not None:
             return await self._serve_peer(request, runtime, target, info, entry, recorder, failover)
         model_id = target.model_id
-        model = runtime.config.models[model_id]
+        model = runtime.config.models.get(model_id)
+        if model is None:  # a reload removed it after the plan was made (a failover's later target)
+            return _removed(request, model_id, failover)
         process = runtime.processes[model_id]
         streaming = bool(info.parsed and info.parsed.get("stream") is True) or query_value(info.query, b"stream") == b"true"
         loading = None
@@ -419,6 +421,8 @@ class ProxyPipeline:
         """A peer model: no swap, no queue, no local concurrency; the peer's
         filters, its own model id in the body, its ``apiKey`` in place of the client's."""
         route, peers = target.peer, runtime.peers
+        if peers.routes.get(route.fqn) != route:  # a reload removed it after the plan was made
+            return _removed(request, route.fqn, failover)
         peer = peers.peers[route.peer]
         body, query = self._outgoing(info, target.name, peer.filters, route.model if route.model != info.asked else "")
         url = peer.proxy + info.upstream_path + ("?" + query.decode("latin-1") if query else "")
@@ -543,6 +547,15 @@ class _TryNext(Exception):
     def __init__(self, why: str):
         super().__init__(why)
         self.why = why
+
+
+def _removed(request: IRequest, name: str, failover: bool) -> bytes:
+    """A target a reload removed while the request was on its way to it (a
+    failover selector's later target): the next target, or 404."""
+    message = f"model {name!r} was removed from the config"
+    if failover:
+        raise _TryNext(message)
+    return send_error(request, 404, message)
 
 
 def _server_error(code: int) -> bool:

@@ -189,16 +189,17 @@ class LocalRouter:
         """The old processes of ``model`` still draining or stopping."""
         return [p for p in self._retiring if p.model.id == model]
 
+    def _gone(self, process: Process) -> defer.Deferred:
+        """Fires once the retiring ``process`` is gone (a Deferred of its own)."""
+        waiter: defer.Deferred = defer.Deferred()
+        self._retiring[process].waiters.append(waiter)
+        return waiter
+
     def retired(self, process: Process) -> defer.Deferred:
         """Fires once every retiring process that ``process`` must not overlap
         is gone: those of the same model or on the same upstream address.
         Each caller gets a Deferred of its own."""
-        waits = []
-        for old, entry in self._retiring.items():
-            if _overlap(old.model, process.model):
-                waiter: defer.Deferred = defer.Deferred()
-                entry.waiters.append(waiter)
-                waits.append(waiter)
+        waits = [self._gone(old) for old in self._retiring if _overlap(old.model, process.model)]
         if not waits:
             return defer.succeed(None)
         return defer.gatherResults(waits).addCallback(lambda _: None)
@@ -239,6 +240,11 @@ class LocalRouter:
             self._positions[req_id] = on_position
         self.scheduler.request(req_id, model_id)
         return d
+
+    def serving(self) -> int:
+        """Requests granted and not yet released: on the current processes,
+        and on old ones a reload retired."""
+        return len(self._granted)
 
     def release(self, grant: Grant) -> None:
         if self._granted.pop(grant.req_id, None) is not None:
@@ -288,6 +294,9 @@ class LocalRouter:
                                      "reasons": reasons})
         stops = [self._stop(self.processes[m], self.processes[m].model.health_check_timeout)
                  for m in sorted(evict) if m in self.processes]
+        # an evicted model a reload restarted may still have its old process (the scheduler saw
+        # no request in flight on the model, so it is stopping): the target starts once it is gone
+        stops.extend(self._gone(p) for m in sorted(evict) for p in self.retiring(m))
         d = defer.gatherResults(stops, consumeErrors=True) if stops else defer.succeed(None)
         d.addCallback(lambda _: self._start(target))
 

@@ -122,6 +122,20 @@ class ReplanTests(SynchronousTestCase):
         self.assertFalse(planner.can_coexist({"d", "n"}))
         self.assertEqual(replan(planner, {"d", "n"}, Usage(recency={"d": 2, "n": 1})), ())
 
+    def test_many_running_models_take_polynomial_work(self) -> None:
+        """Twenty running models (one in an exclusive group, the rest free to
+        run together): all stay, with a few thousand plans, not 2**20."""
+        free = tuple(f"m{i:02}" for i in range(19))
+        planner = GroupPlanner([Group("free", free, swap=False, exclusive=False),
+                                Group("x", ("x1", "x2"), swap=True, exclusive=True)])
+        calls = []
+        plan = planner.plan
+        planner.plan = lambda model, loaded: (calls.append(model), plan(model, loaded))[1]
+        running = set(free) | {"x1"}
+        self.assertEqual(replan(planner, running, Usage(recency={m: i for i, m in enumerate(sorted(running))})), ())
+        self.assertLess(len(calls), len(running) ** 3)
+        self.assertTrue(reachable(planner, running))
+
     def test_least_recently_used_goes(self) -> None:
         self.assertEqual(replan(self.swapping, {"A", "B", "C"}, Usage(recency={"A": 1, "B": 2, "C": 3})), ("A",))
         self.assertEqual(replan(self.swapping, {"A", "B", "C"}, Usage(recency={"A": 3, "B": 2, "C": 1})), ("B",))

@@ -395,18 +395,38 @@ def reachable(planner: Planner, models: AbstractSet[str]) -> bool:
     """True when ``planner`` lets all of ``models`` run at once: some order of
     loading them, one by one from none, evicts none of them.  (Weaker than
     ``can_coexist``: with groups, a model of an ``exclusive: false`` group may
-    join a model of an exclusive group, though not the other way round.)"""
-    memo: dict[frozenset, bool] = {}
+    join a model of an exclusive group, though not the other way round.)
+    Found as :func:`replan` finds it (see :func:`_insert`)."""
+    order: Optional[list] = []
+    for model in sorted(models):
+        order = _insert(planner, order, model)
+        if order is None:
+            return False
+    return True
 
-    def ok(loaded: frozenset) -> bool:
-        if len(loaded) <= 1:
-            return True
-        if loaded not in memo:
-            memo[loaded] = any(not (planner.plan(last, loaded - {last}).evict & loaded) and ok(loaded - {last})
-                               for last in sorted(loaded))
-        return memo[loaded]
 
-    return ok(frozenset(models))
+def _insert(planner: Planner, order: list, model: str) -> Optional[list]:
+    """``order`` (a load order that evicts nothing) with ``model`` put where
+    it still evicts nothing, last if it can be; None when no place fits.
+
+    Polynomial (positions times loads), where trying every order of the
+    models, or every subset, blows up with a few more than a dozen running
+    models; a found order is always valid, so a model is never kept beside
+    one it would evict."""
+    for at in range(len(order), -1, -1):
+        candidate = order[:at] + [model] + order[at:]
+        if _loads_cleanly(planner, candidate):
+            return candidate
+    return None
+
+
+def _loads_cleanly(planner: Planner, order: list) -> bool:
+    loaded: set = set()
+    for model in order:
+        if planner.plan(model, frozenset(loaded)).evict & loaded:
+            return False
+        loaded.add(model)
+    return True
 
 
 def replan(planner: Planner, running: AbstractSet[str], usage: Usage = NO_USAGE,
@@ -420,13 +440,16 @@ def replan(planner: Planner, running: AbstractSet[str], usage: Usage = NO_USAGE,
     never = float("-inf")
     by_use = sorted(running, key=lambda m: (-usage.recency.get(m, never), m))
     pinned = [m for m in by_use if m in keep or usage.in_flight.get(m, 0) > 0]
-    kept = set(pinned)
+    order: Optional[list] = []
+    for model in sorted(pinned):  # they stay whatever; the others are kept only in a clean order with them
+        order = _insert(planner, order, model) if order is not None else None
     stop: list[str] = []
     for model in by_use:
-        if model in kept:
+        if model in pinned:
             continue
-        if reachable(planner, kept | {model}):
-            kept.add(model)
+        placed = _insert(planner, order, model) if order is not None else None
+        if placed is not None:
+            order = placed
         else:
             stop.append(model)
     return tuple(reversed(stop))

@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import static
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -556,6 +557,31 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         resource.held[0].finish()
         self.assertEqual([c for c, _, _ in _responses(transport.value())], [200, 400])
+
+
+class PullProducerTests(SynchronousTestCase):
+    """A pull producer (``static.File`` registers one) is asked for more once
+    per reactor turn until it is done, and not while the transport is full."""
+
+    def test_static_file_is_served_whole(self):
+        path = self.mktemp()
+        content = bytes(range(256)) * 1200  # 300 KiB: static.File reads it in pieces
+        with open(path, "wb") as f:
+            f.write(content)
+        root = Resource()
+        root.putChild(b"f", static.File(path))
+        protocol, transport = _connect(root)
+        protocol.dataReceived(_get(b"/f"))
+        protocol.pauseProducing()  # a full send buffer: nothing asked meanwhile
+        written = len(transport.value())
+        protocol.site.clock.advance(0)
+        self.assertEqual(len(transport.value()), written)
+        protocol.resumeProducing()
+        for _ in range(100):
+            protocol.site.clock.advance(0)
+        [(status, headers, body)] = _responses(transport.value())
+        self.assertEqual((status, body), (200, content))
+        self.assertFalse(protocol.site.clock.getDelayedCalls() and protocol.producer is not None)
 
 
 class BackpressureTests(SynchronousTestCase):

@@ -133,6 +133,51 @@ class _Stream:
 
 
 @implementer(IPushProducer)
+class _PullAsPush:
+    """A pull producer (``registerProducer(p, False)``, as ``static.File``'s)
+    driven like a push one: ``resumeProducing`` once per reactor turn while
+    the send buffer has room, none while the transport has paused us."""
+
+    def __init__(self, producer, clock):
+        self.producer, self.clock = producer, clock
+        self.paused = False
+        self.attached = True
+        self.call = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.call is None and self.attached and not self.paused:
+            self.call = self.clock.callLater(0, self._pull)
+
+    def _pull(self) -> None:
+        self.call = None
+        if self.attached and not self.paused:
+            self.producer.resumeProducing()
+            self._schedule()
+
+    def detach(self) -> None:
+        """The request unregistered it: ask for nothing more."""
+        self.attached = False
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.detach()
+        self.producer.stopProducing()
+
+
+@implementer(IPushProducer)
 class FastChannel(Protocol):
     """One client connection (see the module docstring)."""
 
@@ -144,7 +189,6 @@ class FastChannel(Protocol):
         self.queue: deque = deque()  # streams in arrival order; the first is being answered
         self.current: Optional[_Stream] = None  # the one being parsed
         self.producer = None  # what the request being answered registered
-        self.producer_streaming = True
         self.paused = False  # by the transport: its send buffer is full
         self.reading_paused = False  # by us: too many pipelined requests
         self.secure = False
@@ -213,6 +257,8 @@ class FastChannel(Protocol):
         for stream in streams:
             if stream.request is not None and not stream.done:
                 stream.request.connectionLost(reason)
+        if isinstance(self.producer, _PullAsPush):
+            self.producer.detach()
         self.producer = None
 
     # -- httptools callbacks --
@@ -347,8 +393,12 @@ class FastChannel(Protocol):
             self._arm_idle()
 
     def request_producer(self, producer, streaming: bool) -> None:
-        self.producer, self.producer_streaming = producer, streaming
-        if producer is not None and self.paused and streaming:
+        if isinstance(self.producer, _PullAsPush):
+            self.producer.detach()
+        if producer is not None and not streaming:  # a pull producer: asked for more once per turn
+            producer = _PullAsPush(producer, self.site.clock)
+        self.producer = producer
+        if producer is not None and self.paused:
             producer.pauseProducing()
 
     def _pause_reading(self) -> None:
@@ -364,7 +414,7 @@ class FastChannel(Protocol):
     # -- IPushProducer, driven by the transport's send buffer --
     def pauseProducing(self) -> None:  # noqa: N802
         self.paused = True
-        if self.producer is not None and self.producer_streaming:
+        if self.producer is not None:
             self.producer.pauseProducing()
         timeout = getattr(self.site, "send_timeout", None)
         if timeout and self.stalled is None:

@@ -24,7 +24,9 @@ is asking:
 
 It needs no Klein: it takes the request object (any ``IRequest``: status,
 headers, ``write``, ``content``, ``channel``), the runtime and the app's
-collaborators, so another HTTP front can call it as the Klein app does.
+collaborators.  The front (``FrontResource.routes``) calls it directly for
+the model-dispatched routes of fixed paths; Klein routes the rest
+(``/upstream/...``, ``/v/...``) to it.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ from .stream import UpstreamBodyIdle, UpstreamRejected, UpstreamTimeout, Upstrea
 #: A big request body is read from its spool file this many bytes per step.
 READ_PIECE = 4 * 1024 * 1024
 
-# the model-dispatched routes: what a front hands to the pipeline (the Klein app
-# routes each of them to ``ProxyPipeline.dispatch``); activity is recorded for these
+# the model-dispatched routes: what a front hands to the pipeline (``LlamaSwapApp``
+# declares each and routes it to ``ProxyPipeline.dispatch``); activity is recorded for these
 JSON_POST = (
     "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/messages",
     "/v1/messages/count_tokens", "/v1/embeddings", "/reranking", "/rerank", "/v1/rerank",
@@ -165,7 +167,7 @@ class ProxyPipeline:
         (no body filters, as llama-swap).  Returns what remains to be written
         (an error body; ``b""`` once a response was streamed); the caller
         writes it and finishes the request, and cancels the coroutine when the
-        client goes away (Klein does both)."""
+        client goes away (``render_deferred`` and Klein both do)."""
         body = await run_in_slices(self._read_body(request), self.clock)
         if body is None:
             return send_error(request, 413, "request body too large")

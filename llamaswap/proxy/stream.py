@@ -1,22 +1,26 @@
 """Streaming reverse proxying of one request to an upstream.
 
-``forward`` sends a request with ``Agent`` (an owned connection pool), copies
-the upstream status and headers to the client (hop-by-hop headers dropped,
-``X-Accel-Buffering: no`` added for SSE) and relays the body chunk by chunk:
+``forward`` sends a request through what ``upstream_client`` made for the
+upstream: the lean pooled client of ``llamaswap.proxy.upstream`` for plain
+http (nearly every local model), ``Agent`` over an owned pool for https.
+Either way it copies the upstream status and headers to the client
+(hop-by-hop headers dropped, ``X-Accel-Buffering: no`` added for SSE) and
+relays the body chunk by chunk:
 
 * backpressure: the relay is registered as the client request's push
   producer, so a slow client pauses the upstream socket;
-* cancellation: cancelling the returned Deferred (Klein does so when the
+* cancellation: cancelling the returned Deferred (the front does so when the
   client disconnects) aborts the upstream connection, so the upstream stops
   generating;
 * an upstream connection failure is a ``UpstreamUnavailable`` (the router
-  answers 502); upstream error statuses pass through unchanged;
+  answers 502); upstream error statuses pass through unchanged, unless
+  ``reject`` holds them back for failover (``UpstreamRejected``);
 * timeouts (``timeouts.*`` of the model): response headers within
   ``header_timeout`` (``UpstreamTimeout``), no pause longer than ``body_idle``
   between body bytes (``UpstreamBodyIdle``), and ``Expect: 100-continue``
   honoured for at most ``expect_continue`` seconds before the body goes
   anyway.  Connect, TLS handshake, TCP keepalive and idle pooled connections
-  are the pool's and Agent's business (``make_pool``, ``llamaswap.httpclient``).
+  are the pools' business (``upstream_client``, ``llamaswap.httpclient``).
 """
 
 from __future__ import annotations

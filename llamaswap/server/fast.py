@@ -316,10 +316,10 @@ class FastChannel(Protocol):
             self._pause_reading()
         request.parseCookies()
         request.gotLength(None if chunked else (length or 0))  # no length, not chunked: no body
-        # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
         if request.refused is not None and (chunked or length):
             self._answer_early(stream)  # refused by its head: its body is never waited for
         elif expect and request.refused is None and version == b"HTTP/1.1":
+            # (RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored)
             stream.continue_wanted = True
             if self.queue[0] is stream:
                 self._send_continue(stream)
@@ -487,5 +487,6 @@ class FastChannel(Protocol):
         if half_close is None:
             self.transport.loseConnection()
             return
+        self._resume_reading()  # what it still sends is read (and dropped), even past MAX_QUEUED
         half_close()
         self.linger = self.site.clock.callLater(self.LINGER, self.transport.loseConnection)

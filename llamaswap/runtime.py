@@ -79,9 +79,7 @@ class Runtime:
         # one client per model, with its model's connect timeout, over a pool per distinct
         # (kind, idleConn, keepalive, tlsHandshake): those are the pool's connections' settings
         self.pools: dict[tuple, object] = {}
-        self.agents: dict[str, object] = {}
-        for model_id, model in config.models.items():
-            self.agents[model_id] = upstream_client(reactor, self.pools, model.proxy, model.timeouts)
+        self.agents: dict[str, object] = {m: self._agent(model) for m, model in config.models.items()}
         self.peers = PeerSet(reactor, config, publish=self.events.publish)  # never swap, never queue
         self.closed = False
         self.active_profile: Optional[str] = None  # runtime state: none at start and after a reload

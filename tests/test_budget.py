@@ -355,13 +355,15 @@ class SchedulerBudgetTests(Budget):
         self.assertEqual(self.fx.of("fail")[-1][:2], ("e", 503))
         self.assertEqual(self.sched.queue_snapshot(), ())
 
-    def test_reconfigure_and_trim(self) -> None:
+    def test_budgets_reloaded_and_trim(self) -> None:
         for i, model in enumerate("AB"):
             self.serve(i, model)
         self.sched.request("busy", "A")
-        self.sched.reconfigure(budget(self.sizes, 12))
+        limits = {m: 10 for m in self.sizes}  # the same models: a reload that changed budgets only
+        self.sched.apply(budget(self.sizes, 12), limits, max_wait=60.0)
         self.assertEqual(self.sched.trim(), fs("B"))  # A is busy
-        self.sched.reconfigure(budget(self.sizes, 24), min_resident={"A": 5.0}, swap_policy="refuse")
+        self.sched.apply(budget(self.sizes, 24), limits, max_wait=60.0, min_resident={"A": 5.0},
+                         swap_policy="refuse")
         self.assertEqual(self.sched.trim(), fs())
 
 

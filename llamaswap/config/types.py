@@ -289,11 +289,20 @@ class Config:
 
     def peer_model(self, name: str) -> Optional[tuple[str, str]]:
         """``(peer id, model)`` for ``peer/model`` or a bare model exactly one peer lists."""
-        for peer in self.peers.values():
-            prefix = peer.id + "/"
-            if name.startswith(prefix) and name[len(prefix):] in peer.models:
-                return peer.id, name[len(prefix):]
-        owners = [p.id for p in self.peers.values() if name in p.models]
-        if len(owners) == 1:
-            return owners[0], name
-        return None
+        return peer_names(self.peers).get(name)
+
+
+def peer_names(peers: Mapping[str, Peer]) -> dict[str, tuple[str, str]]:
+    """Every name a peer model answers to, as ``(peer id, model)``: each
+    ``<peer>/<model>``, and each bare ``<model>`` listed by exactly one peer
+    that is no full name itself (reference §4)."""
+    names: dict[str, tuple[str, str]] = {}
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for peer_id in sorted(peers):
+        for model in dict.fromkeys(peers[peer_id].models):
+            names[f"{peer_id}/{model}"] = (peer_id, model)
+            owners.setdefault(model, []).append((peer_id, model))
+    for model, listed in owners.items():
+        if len(listed) == 1 and model not in names:
+            names[model] = listed[0]
+    return names

@@ -68,7 +68,9 @@ from .filters import (
     rewrite_multipart_model,
 )
 from .loading import LoadingStream
-from .stream import UpstreamBodyIdle, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers
+from .stream import (
+    RawHeaders, UpstreamBodyIdle, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable, forward, upstream_headers,
+)
 
 #: A big request body is read from its spool file this many bytes per step.
 READ_PIECE = 4 * 1024 * 1024
@@ -440,7 +442,7 @@ class ProxyPipeline:
         finally:
             peers.finished()
 
-    def _upstream_headers(self, request: IRequest, recorder: Optional[ActivityRecorder]) -> Headers:
+    def _upstream_headers(self, request: IRequest, recorder: Optional[ActivityRecorder]) -> RawHeaders:
         headers = upstream_headers(request.requestHeaders, forwarded_for(request),
                                    forwarded_proto(request), request.getHeader(b"host"))
         verdict = getattr(request, "llamaswap_verdict", None)
@@ -454,7 +456,7 @@ class ProxyPipeline:
                 headers.removeHeader(b"accept-encoding")
         return headers
 
-    async def _relay(self, request: IRequest, model_id: str, client, url: str, body: bytes, headers: Headers,
+    async def _relay(self, request: IRequest, model_id: str, client, url: str, body: bytes, headers: RawHeaders,
                      timeouts, entry, recorder: Optional[ActivityRecorder], loading: Optional[LoadingStream],
                      failover: bool, unreachable: str = "upstream not reachable") -> bytes:
         """``forward`` to ``url`` and map its failures (see ``_serve``)."""

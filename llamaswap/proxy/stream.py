@@ -25,7 +25,7 @@ relays the body chunk by chunk:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -40,9 +40,8 @@ from zope.interface import implementer
 
 from ..httpclient import quiet_pool, upstream_agent
 from .upstream import (  # noqa: F401 - the exceptions are this module's API too
-    HOP_BY_HOP, REJECT_BODY_LIMIT, BytesProducer, RawHeaders, ResponseHead, UpstreamBodyIdle, UpstreamClient, UpstreamPool,
-    UpstreamRejected,
-    UpstreamTimeout, UpstreamUnavailable, describe_failure,
+    HOP_BY_HOP, REJECT_BODY_LIMIT, BytesProducer, RawHeaders, ResponseHead, UpstreamBodyIdle, UpstreamClient,
+    UpstreamPool, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable, copy_headers, describe_failure,
 )
 
 log = Logger()
@@ -284,19 +283,6 @@ def _drop_body(response) -> None:
         log.failure("could not drop the upstream connection")
 
 
-def copy_response_headers(response, request: IRequest, extra_drop: Iterable[bytes] = ()) -> None:
-    drop = HOP_BY_HOP | {b"content-length"} | set(extra_drop)
-    length = response.headers.getRawHeaders(b"content-length")
-    for name, values in response.headers.getAllRawHeaders():
-        if name.lower() not in drop:
-            request.responseHeaders.setRawHeaders(name, values)
-    if length and len(length) == 1 and length[0].isdigit():
-        request.setHeader(b"content-length", length[0])
-    ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-    if b"text/event-stream" in ctype.lower():
-        request.setHeader(b"x-accel-buffering", b"no")
-
-
 def forward(
     agent: Agent,
     request: IRequest,
@@ -360,9 +346,9 @@ def forward(
             timer.cancel()
         if done.called:
             return
+        head = ResponseHead(response.code, response.phrase or b"", RawHeaders(
+            (name.lower(), values) for name, values in response.headers.getAllRawHeaders()))
         if reject is not None and reject(response.code):  # nothing reaches the client: keep the answer
-            head = ResponseHead(response.code, response.phrase or b"", RawHeaders(
-                (name.lower(), values) for name, values in response.headers.getAllRawHeaders()))
             kept = _Keep(REJECT_BODY_LIMIT)
             finished = defer.Deferred()
             kept.finished = finished
@@ -375,7 +361,7 @@ def forward(
                 on_headers(response)
             if write_head:
                 request.setResponseCode(response.code, response.phrase)
-                copy_response_headers(response, request)
+                copy_headers(head, request)
             relay = _Relay(request, done, on_chunk, clock, body_idle)
             relay_holder["relay"] = relay
             response.deliverBody(relay)

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from ..config import Config, Peer
+from ..config.types import peer_names
 from ..httpclient import quiet_pool, upstream_agent
 from ..proxy.stream import close_pools, upstream_client
 
@@ -64,19 +65,8 @@ class Target:
 
 
 def peer_routes(peers: Mapping[str, Peer]) -> dict[str, PeerRoute]:
-    """Every name a peer model answers to: each ``<peer>/<model>``, and each
-    bare ``<model>`` listed by exactly one peer that is no full name itself."""
-    routes: dict[str, PeerRoute] = {}
-    owners: dict[str, list[PeerRoute]] = {}
-    for peer_id in sorted(peers):
-        for model in dict.fromkeys(peers[peer_id].models):
-            route = PeerRoute(peer_id, model)
-            routes[route.fqn] = route
-            owners.setdefault(model, []).append(route)
-    for model, listed in owners.items():
-        if len(listed) == 1 and model not in routes:
-            routes[model] = listed[0]
-    return routes
+    """Every name a peer model answers to (``Config``'s ``peer_names``) and its route."""
+    return {name: PeerRoute(peer, model) for name, (peer, model) in peer_names(peers).items()}
 
 
 def resolve(config: Config, routes: Mapping[str, PeerRoute], name: str) -> Optional[Target]:

@@ -389,13 +389,6 @@ class Scheduler:
         self._cancel_wake()
         self._settle()
 
-    def reconfigure(self, planner: Planner, *, min_resident: Optional[Mapping[str, float]] = None,
-                    swap_policy: str = defaults.SWAP_POLICY) -> None:
-        """A reload changed only budgets (capacities, footprints,
-        ``minResident``, ``swapPolicy``): :meth:`apply` with the same models."""
-        self.apply(planner, self._limits, priorities=self._priorities, max_wait=self._max_wait,
-                   max_queue=self._max_queue, min_resident=min_resident, swap_policy=swap_policy)
-
     def apply(self, planner: Planner, limits: Mapping[str, int], *,
               priorities: Optional[Mapping[str, int]] = None,
               max_wait: Optional[float] = defaults.MAX_WAIT,

@@ -172,7 +172,7 @@ class LlamaSwapApp:
                 continue
             state = processes[model_id].state
             loaded = state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING)
-            base = {"object": "model", "created": created, "owned_by": "llama-swap"}
+            base = _record_base(created)
             if model.name:
                 base["name"] = model.name
             if model.description:
@@ -213,9 +213,8 @@ class LlamaSwapApp:
                 info = {"type": "peer", "peerID": peer.id}
                 if peer.health_check is not None:  # llamaswap addition: what its health check says
                     info["available"] = peers.is_available(peer.id)
-                records.append({"id": f"{peer.id}/{name}", "object": "model", "created": created,
-                                "owned_by": "llama-swap", "name": f"{peer.id}: {name}",
-                                "meta": {"llamaswap": info}, "status": {"value": "unloaded"}})
+                records.append(dict(_record_base(created), id=f"{peer.id}/{name}", name=f"{peer.id}: {name}",
+                                    meta={"llamaswap": info}, status={"value": "unloaded"}))
         for selector in config.selectors.values():
             if not selector.unlisted and principal.may_use(selector.id, selector.id):
                 records.append(self._selector_record(selector, created))
@@ -238,7 +237,7 @@ class LlamaSwapApp:
                     targets=list(selector.targets))
         if selector.strategy == "spillover":
             info["spillover"] = selector.spillover
-        record = {"id": selector.id, "object": "model", "created": created, "owned_by": "llama-swap"}
+        record = dict(_record_base(created), id=selector.id)
         if selector.name:
             record["name"] = selector.name
         if selector.description:
@@ -258,8 +257,8 @@ class LlamaSwapApp:
             if (not target or config.real_model_name(pin) is not None or pin in runtime.peers.routes
                     or pin in config.selectors or not principal.may_use(pin, target)):
                 continue
-            out.append({"id": pin, "object": "model", "created": created, "owned_by": "llama-swap",
-                        "meta": {"llamaswap": {"type": "profile"}}, "status": {"value": "unloaded"}})
+            out.append(dict(_record_base(created), id=pin, meta={"llamaswap": {"type": "profile"}},
+                            status={"value": "unloaded"}))
         return out
 
     @app.route("/running", methods=["GET"])
@@ -666,6 +665,11 @@ class LlamaSwapApp:
             if pinned:
                 return i, target or ""
         return None
+
+
+def _record_base(created: int) -> dict:
+    """What every ``/v1/models`` record starts with (reference §2.6)."""
+    return {"object": "model", "created": created, "owned_by": "llama-swap"}
 
 
 MAX_MATCHED_PATH = 2048

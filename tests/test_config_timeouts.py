@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import textwrap
-
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.config import ConfigError, load_config_text
 from llamaswap.config import defaults as D
 from llamaswap.config.types import Timeouts
 
-
-def load(text: str):
-    return load_config_text(textwrap.dedent(text), environ={})
+from .test_config import ErrorsMixin, load
 
 
-class TimeoutsConfigTests(SynchronousTestCase):
-    def errors(self, text: str) -> list[str]:
-        with self.assertRaises(ConfigError) as ctx:
-            load(text)
-        return ctx.exception.errors
-
+class TimeoutsConfigTests(ErrorsMixin, SynchronousTestCase):
     def test_defaults(self):
         c = load("""
             models:

@@ -13,6 +13,7 @@ import textwrap
 
 import treq
 from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -80,18 +81,24 @@ def wait_until(test: TestCase, predicate, timeout: float = 10.0, explain=lambda:
         yield task.deferLater(reactor, 0.05, lambda: None)
 
 
+def start_service(test: TestCase, yaml_text: str, port: int):
+    """The real service, started, on 127.0.0.1:``port``: ``yaml_text``
+    (dedented) after a fresh start port, so parallel runs do not share
+    upstream ports; its state in a directory of ``test``'s."""
+    text = f"startPort: {free_run()}\n" + textwrap.dedent(yaml_text).lstrip("\n")
+    config = load_config_text(text, environ=dict(os.environ))
+    service = build_service(reactor, config, [f"tcp:{port}:interface=127.0.0.1"],
+                            registry=ChildRegistry(test.mktemp()))
+    service.startService()
+    return service
+
+
 class Harness(TestCase):
     timeout = 40
 
     def start(self, yaml_text: str):
         port = free_port()
-        # a fresh start port per test, so parallel runs do not share upstream ports
-        text = f"startPort: {free_run()}\n" + textwrap.dedent(yaml_text).lstrip("\n")
-        config = load_config_text(text, environ=dict(os.environ))
-        state = self.mktemp()
-        self.service = build_service(reactor, config, [f"tcp:{port}:interface=127.0.0.1"],
-                                     registry=ChildRegistry(state))
-        self.service.startService()
+        self.service = start_service(self, yaml_text, port)
         self.addCleanup(self.service.stopService)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.base = f"http://127.0.0.1:{port}"
@@ -127,12 +134,38 @@ class Harness(TestCase):
         return response, body
 
     @defer.inlineCallbacks
+    def put_active(self, name):
+        """PUT /api/profiles/active: ``(status, decoded body)``."""
+        response = yield self.request("PUT", "/api/profiles/active", data=json.dumps({"name": name}).encode(),
+                                      headers={"Content-Type": "application/json"})
+        body = yield response.content()
+        return response.code, json.loads(body)
+
+    @defer.inlineCallbacks
     def running(self):
         _, body = yield self.get("/running")
         return {r["model"]: r["state"] for r in json.loads(body)["running"]}
 
     def wait_for(self, predicate, timeout=10.0):
         return wait_until(self, predicate, timeout)
+
+    def config_file(self, yaml_text: str) -> str:
+        """Where ``service.reload()`` reads from (one file per test): ``yaml_text``,
+        dedented, after the running start port (so unchanged models keep their
+        ``${PORT}``).  Returns its path."""
+        path = getattr(self, "_config_path", None) or os.path.abspath(self.mktemp())
+        self._config_path = path
+        with open(path, "w") as f:
+            f.write(f"startPort: {self.service.config.start_port}\n" + textwrap.dedent(yaml_text).lstrip("\n"))
+        self.service.config_path = path
+        return path
+
+    def log_events(self) -> list:
+        """Every log event from now to the end of the test."""
+        logged: list = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        return logged
 
 
 AB = f"""

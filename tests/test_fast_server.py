@@ -9,12 +9,11 @@ timer it arms is seen.  The resources render through the real twisted.web
 from __future__ import annotations
 
 import httptools
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -27,6 +26,8 @@ from zope.interface import implementer
 from llamaswap.server import fast
 from llamaswap.server.access import AccessLogSite, request_line
 from llamaswap.server.fast import MAX_QUEUED, FastChannel
+
+from .test_listeners import _Raw
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -109,6 +110,12 @@ def _connect(resource: Resource, transport=None) -> tuple:
     transport = transport if transport is not None else StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
+
+
+def _served(transport=None) -> tuple:
+    """A channel in front of a fresh ``_Resource``: ``(resource, protocol, transport)``."""
+    resource = _Resource()
+    return (resource, *_connect(resource, transport))
 
 
 def _get(path: bytes, *headers: bytes, version: bytes = b"HTTP/1.1", method: bytes = b"GET") -> bytes:
@@ -232,8 +239,7 @@ class ChannelTests(SynchronousTestCase):
 
 class KeepAliveTests(SynchronousTestCase):
     def test_two_requests_in_sequence(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/a"))
         ((code, headers, body),) = _responses(transport.value())
         self.assertEqual((code, body), (200, b"GET /a "))
@@ -245,8 +251,7 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_head_split_across_reads(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         data = _post(b"/split?q=1", b"body")
         for i in range(len(data)):
             protocol.dataReceived(data[i:i + 1])
@@ -254,8 +259,7 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertEqual(_responses(transport.value())[0][2], b"POST /split?q=1 body")
 
     def test_http10_is_not_chunked_and_closes(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold", version=b"HTTP/1.0"))
         (request,) = resource.held
         request.write(b"abc")
@@ -277,8 +281,7 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_connection_close_from_http11(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         # the second request comes after the client said close: never served
         protocol.dataReceived(_get(b"/a", b"Connection: close") + _get(b"/b"))
         ((code, headers, body),) = _responses(transport.value())
@@ -289,8 +292,7 @@ class KeepAliveTests(SynchronousTestCase):
     def test_connection_close_behind_held_request(self):
         """A request pipelined behind one that said ``Connection: close`` is
         neither served nor refused: the connection ends with the close response."""
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold", b"Connection: close") + _get(b"/b"))
         resource.held[0].write(b"x")
         resource.held[0].finish()
@@ -303,8 +305,7 @@ class KeepAliveTests(SynchronousTestCase):
     def test_upgrade_is_ignored(self):
         """``Upgrade: h2c`` (curl --http2 on http) or websocket: answered over
         HTTP/1.1 as twisted.web does, and the connection carries on."""
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/a", b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
                                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA") + _get(b"/b"))
         protocol.dataReceived(_get(b"/c"))
@@ -315,15 +316,13 @@ class KeepAliveTests(SynchronousTestCase):
     def test_upgrade_with_body_is_400(self):
         """httptools hands the body of an upgrade request over as the new
         protocol's bytes: such a request is refused, not served without its body."""
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_post(b"/a", b"hi", b"Connection: Upgrade", b"Upgrade: websocket"))
         self.assertEqual(resource.seen, [])
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
 
     def test_chunked_request_body(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/up", b"Transfer-Encoding: chunked", method=b"POST") + b"5\r\nhel")
         protocol.dataReceived(b"lo\r\n6\r\n world\r\n")
         self.assertEqual(resource.seen, [])
@@ -332,8 +331,7 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertEqual(_responses(transport.value())[0][2], b"POST /up hello world")
 
     def test_head_writes_no_body(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold", method=b"HEAD"))
         (request,) = resource.held
         request.setHeader(b"content-length", b"5")
@@ -360,8 +358,7 @@ class KeepAliveTests(SynchronousTestCase):
 
 class PipeliningTests(SynchronousTestCase):
     def test_answered_in_order(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold/1") + _post(b"/2", b"two") + _get(b"/3"))
         self.assertEqual([uri for _, uri, _ in resource.seen], [b"/hold/1"])  # the second not started
         self.assertEqual(transport.value(), b"")
@@ -373,8 +370,7 @@ class PipeliningTests(SynchronousTestCase):
                          [b"first", b"POST /2 two", b"GET /3 "])
 
     def test_each_held_in_turn(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold/1") + _get(b"/hold/2"))
         self.assertEqual(len(resource.held), 1)
         resource.held[0].finish()
@@ -385,8 +381,7 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual([body for _, _, body in _responses(transport.value())], [b"", b"2"])
 
     def test_reading_paused_beyond_max_queued(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold") + b"".join(_get(b"/%d" % i) for i in range(MAX_QUEUED - 1)))
         self.assertEqual(transport.producerState, "producing")  # MAX_QUEUED in the queue: still reading
         protocol.dataReceived(_get(b"/last"))
@@ -397,8 +392,7 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual(resource.seen[-1][1], b"/last")
 
     def test_access_log_once_per_request(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         logged = []
         protocol.site.log = logged.append
         protocol.dataReceived(_get(b"/hold") + _get(b"/b") + _get(b"/c"))
@@ -410,8 +404,7 @@ class PipeliningTests(SynchronousTestCase):
 
 class ContinueTests(SynchronousTestCase):
     def test_sent_before_the_body(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/up", b"Content-Length: 3", b"Expect: 100-continue", method=b"POST"))
         self.assertEqual(transport.value(), CONTINUE)
         self.assertEqual(resource.seen, [])
@@ -419,8 +412,7 @@ class ContinueTests(SynchronousTestCase):
         self.assertEqual([(c, b) for c, _, b in _responses(transport.value())], [(100, b""), (200, b"POST /up abc")])
 
     def test_not_inside_an_earlier_response(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold") + _get(b"/up", b"Content-Length: 3", b"Expect: 100-continue",
                                                      method=b"POST"))
         self.assertEqual(transport.value(), b"")
@@ -434,8 +426,7 @@ class ContinueTests(SynchronousTestCase):
         self.assertEqual(resource.seen[-1], (b"POST", b"/up", b"abc"))
 
     def test_not_sent_when_the_body_came_while_waiting(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold") + _post(b"/up", b"abc", b"Expect: 100-continue"))
         resource.held[0].finish()
         self.assertNotIn(b" 100 ", transport.value())
@@ -444,8 +435,7 @@ class ContinueTests(SynchronousTestCase):
 
     def test_ignored_for_http10(self):
         """RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored."""
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/up", b"Content-Length: 3", b"Expect: 100-continue", method=b"POST",
                                    version=b"HTTP/1.0"))
         self.assertEqual(transport.value(), b"")
@@ -503,8 +493,7 @@ class EarlyAnswerTests(SynchronousTestCase):
 class RefusalTests(SynchronousTestCase):
     def test_refusal_lingers(self):
         """The 400, then the write side shut, reads dropped, and the close after ``LINGER``."""
-        resource = _Resource()
-        protocol, transport = _connect(resource, _HalfClosing())
+        resource, protocol, transport = _served(_HalfClosing())
         protocol.dataReceived(b"\x16\x03\x01 not http\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
         self.assertTrue(transport.write_closed)
@@ -530,8 +519,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def _behind(self, bad: bytes, status: bytes) -> None:
-        resource = _Resource()
-        protocol, transport = _connect(resource, _HalfClosing())
+        resource, protocol, transport = _served(_HalfClosing())
         protocol.dataReceived(_get(b"/hold") + _get(b"/queued") + bad)
         self.assertEqual(transport.value(), b"")
         resource.held[0].write(b"partial")
@@ -550,8 +538,7 @@ class RefusalTests(SynchronousTestCase):
         self._behind(_get(b"/big", b"X-Big: " + b"a" * fast.MAX_HEAD), b"431")
 
     def test_400_in_a_later_read(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource, _HalfClosing())
+        resource, protocol, transport = _served(_HalfClosing())
         protocol.dataReceived(_get(b"/hold"))
         protocol.dataReceived(b"BAD\x00\r\n\r\n")
         self.assertEqual(transport.value(), b"")
@@ -581,13 +568,13 @@ class PullProducerTests(SynchronousTestCase):
             protocol.site.clock.advance(0)
         [(status, headers, body)] = _responses(transport.value())
         self.assertEqual((status, body), (200, content))
-        self.assertFalse(protocol.site.clock.getDelayedCalls() and protocol.producer is not None)
+        self.assertIsNone(protocol.producer)  # static.File unregistered itself, and nothing asks it for more:
+        self.assertEqual(protocol.site.clock.getDelayedCalls(), [protocol.idle])  # the idle timer alone is left
 
 
 class BackpressureTests(SynchronousTestCase):
     def test_pause_and_resume_reach_the_request_producer(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         self.assertIs(transport.producer, protocol)  # the channel is its transport's producer
         protocol.dataReceived(_get(b"/hold"))
         producer = _Producer()
@@ -600,8 +587,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(producer.calls, ["pause", "resume", "stop"])
 
     def test_producer_registered_while_paused_starts_paused(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold"))
         protocol.pauseProducing()
         producer = _Producer()
@@ -609,8 +595,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(producer.calls, ["pause"])
 
     def test_unregistered_producer_not_called(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold"))
         producer = _Producer()
         request = resource.held[0]
@@ -621,8 +606,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(producer.calls, [])
 
     def test_send_timeout_aborts(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         clock = protocol.site.clock
         protocol.dataReceived(_get(b"/hold"))
         protocol.pauseProducing()
@@ -632,8 +616,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertTrue(transport.disconnected)  # abortConnection, not a graceful close
 
     def test_resume_cancels_send_timeout(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         clock = protocol.site.clock
         protocol.dataReceived(_get(b"/hold"))
         protocol.pauseProducing()
@@ -655,8 +638,7 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_request_in_progress_is_not_idle(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         clock, timeout = protocol.site.clock, protocol.site.timeOut
         protocol.dataReceived(_get(b"/hold"))
         clock.advance(timeout * 3)
@@ -684,8 +666,7 @@ class IdleTimeoutTests(SynchronousTestCase):
 
 class ConnectionLostTests(SynchronousTestCase):
     def test_request_in_progress_notified(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold") + _get(b"/queued"))
         finished = resource.held[0].notifyFinish()
         protocol.connectionLost(Failure(ConnectionLost()))
@@ -694,8 +675,7 @@ class ConnectionLostTests(SynchronousTestCase):
 
     def test_queued_and_partial_requests_told(self):
         """Requests not yet answered (queued, body half in) learn the connection is gone."""
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         made = []
         factory = protocol.site.requestFactory
         protocol.site.requestFactory = lambda channel, queued: made.append(factory(channel, queued=queued)) or made[-1]
@@ -705,26 +685,13 @@ class ConnectionLostTests(SynchronousTestCase):
         self.assertEqual([r._disconnected for r in made], [True, True, True])
 
     def test_finished_request_not_told(self):
-        resource = _Resource()
-        protocol, transport = _connect(resource)
+        resource, protocol, transport = _served()
         protocol.dataReceived(_get(b"/hold"))
         request = resource.held[0]
         finished = request.notifyFinish()
         request.finish()
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(self.successResultOf(finished))
-
-
-class _Client(Protocol):
-    def __init__(self):
-        self.received = b""
-        self.done = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason=None):
-        self.done.callback(None)
 
 
 class LoopbackTests(TestCase):
@@ -737,10 +704,9 @@ class LoopbackTests(TestCase):
         resource = _Resource()
         port = reactor.listenTCP(0, AccessLogSite(resource, reactor), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        client = _Client()
+        client = _Raw(_get(b"/a") + _post(b"/b", b"x" * 100000) + b"no http here\r\n\r\n")
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
-        client.transport.write(_get(b"/a") + _post(b"/b", b"x" * 100000) + b"no http here\r\n\r\n")
-        await client.done  # the server shut its side after the 400: EOF here, then the client closed
-        self.assertEqual([(c, b[:8]) for c, _, b in _responses(client.received)],
+        received = await client.done  # the server shut its side after the 400: EOF here, then the client closed
+        self.assertEqual([(c, b[:8]) for c, _, b in _responses(received)],
                          [(200, b"GET /a "), (200, b"POST /b "), (400, b"400 Bad ")])
         self.assertEqual(len(resource.seen[1][2]), 100000)

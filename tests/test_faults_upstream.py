@@ -106,8 +106,9 @@ class FaultHarness(Harness):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
-    def responder_site(self, ident: str):
-        site = build_site(ResponderOptions(id=ident, silent=True), reactor)
+    def responder_site(self, ident: str, **options):
+        """An in-process responder on its own loopback port: ``(site, port)``."""
+        site = build_site(ResponderOptions(id=ident, silent=True, **options), reactor)
         return site, self.listen(site)
 
     @defer.inlineCallbacks

@@ -84,13 +84,11 @@ class _Raw(Protocol):
 class ListenerTests(TestCase):
     timeout = 60
 
-    @defer.inlineCallbacks
     def serve(self, endpoints: list):
         config = load_config_text(f"startPort: {free_run(2)}\nmodels:\n  m:\n    cmd: \"{responder()}\"\n")
         service = build_service(reactor, config, endpoints, registry=ChildRegistry(None))
         service.startService()
         self.addCleanup(service.stopService)
-        yield defer.succeed(None)
         return service
 
     @defer.inlineCallbacks
@@ -136,7 +134,7 @@ class ListenerTests(TestCase):
         port6 = free_port() if _ipv6() else None
         if port6 is not None:
             endpoints.append(f"tcp6:{port6}:interface=\\:\\:1")
-        yield self.serve(endpoints)
+        self.serve(endpoints)
         yield self.check(TCP4ClientEndpoint(reactor, "127.0.0.1", port), b"127.0.0.1")
         yield self.check(UNIXClientEndpoint(reactor, sock), b"localhost")
         if port6 is None:
@@ -149,7 +147,7 @@ class ListenerTests(TestCase):
         os.makedirs(directory)
         cert, key = _self_signed(directory)
         port = free_port()
-        yield self.serve([f"ssl:{port}:interface=127.0.0.1:certKey={cert}:privateKey={key}"])
+        self.serve([f"ssl:{port}:interface=127.0.0.1:certKey={cert}:privateKey={key}"])
         with open(cert, "rb") as f:
             trust = ssl.Certificate.loadPEM(f.read())
         options = ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust)

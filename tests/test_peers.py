@@ -10,22 +10,15 @@ or a child that fails to start.  Every wait is bounded; no test sleeps.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import textwrap
 
 from twisted.internet import defer, reactor
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from llamaswap.config import load_config_text
-from llamaswap.process import ChildRegistry
-from llamaswap.service import build_service
-from llamaswap.testing.responder import ResponderOptions, build_site
-
-from .test_e2e import free_port, free_run
+from .test_e2e import free_port, start_service
 from .test_faults_upstream import SLEEPER, FaultHarness, _Body
 
 DEAD = "http://127.0.0.1:1"  # nothing listens on port 1: connections are refused at once
@@ -34,9 +27,10 @@ DEAD = "http://127.0.0.1:1"  # nothing listens on port 1: connections are refuse
 class Broken(Resource):
     """An upstream that fails: ``"500"`` answers every path 500 with a JSON
     error; ``"cut"`` sends a 200 stream head and one event, then drops the
-    connection; ``"hang"`` never answers (``"ok"``: it has recovered, 200 to
-    everything).  ``hits``
-    lists the paths asked for (health checks included)."""
+    connection; ``"hang"`` never answers by itself: its requests wait in
+    ``held`` until the test calls ``answer`` (``"ok"``: it has recovered,
+    200 to everything).  ``hits`` lists the paths asked for (health checks
+    included)."""
 
     isLeaf = True
 
@@ -44,30 +38,45 @@ class Broken(Resource):
         super().__init__()
         self.mode = mode
         self.hits: list[bytes] = []
+        self.held: list = []
 
     def render(self, request):
         self.hits.append(request.path)
         if self.mode == "500":
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", b"application/json")
-            return b'{"error":{"message":"boom"}}'
+            return self._error(request, 500)
         if self.mode == "ok":
             return b"{}"
-        if self.mode == "hang":  # read the request, never answer it
+        if self.mode == "hang":  # read the request, leave it unanswered
+            self.held.append(request)
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(b'data: {"choices":[{"delta":{"content":"par"}}]}\n\n')
         reactor.callLater(0.05, request.channel.transport.abortConnection)
         return NOT_DONE_YET
 
+    @staticmethod
+    def _error(request, code: int) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"error":{"message":"boom"}}'
+
+    def answer(self, code: int) -> None:
+        """Answer every held request: ``code`` with the JSON error."""
+        held, self.held = self.held, []
+        for request in held:
+            request.write(self._error(request, code))
+            request.finish()
+
+
+def at(where, health: str | None = None) -> str:
+    """A peer's settings listing ``m1``: ``where`` is a port on 127.0.0.1 or a
+    URL; ``health``, when given, the inside of its ``healthCheck``."""
+    url = where if isinstance(where, str) else f"http://127.0.0.1:{where}"
+    return f'proxy: "{url}", models: [m1]' + ("" if health is None else f", healthCheck: {{{health}}}")
+
 
 class PeerHarness(FaultHarness):
     timeout = 30
-
-    def upstream(self, ident: str, **options):
-        """An in-process responder on its own port: ``(site, port)``."""
-        site = build_site(ResponderOptions(id=ident, silent=True, **options), reactor)
-        return site, self.listen(site)
 
     def broken(self, mode: str):
         resource = Broken(mode)
@@ -76,10 +85,7 @@ class PeerHarness(FaultHarness):
     def start_instance(self, yaml_text: str):
         """A second llamaswap on another loopback port: ``(service, port)``."""
         port = free_port()
-        text = f"startPort: {free_run()}\n" + textwrap.dedent(yaml_text).lstrip("\n")
-        service = build_service(reactor, load_config_text(text, environ=dict(os.environ)),
-                                [f"tcp:{port}:interface=127.0.0.1"], registry=ChildRegistry(self.mktemp()))
-        service.startService()
+        service = start_service(self, yaml_text, port)
         self.addCleanup(lambda: service.running and service.stopService())  # unless the test stopped it
         return service, port
 
@@ -105,9 +111,9 @@ class PeerHarness(FaultHarness):
 class PeerRoutingTests(PeerHarness):
     @defer.inlineCallbacks
     def test_names_precedence_key_filters_and_model_rewrite(self):
-        _, port_r = self.upstream("remote-up")
-        _, port_o = self.upstream("other-up")
-        _, port_l = self.upstream("local-up")
+        _, port_r = self.responder_site("remote-up")
+        _, port_o = self.responder_site("other-up")
+        _, port_l = self.responder_site("local-up")
         self.start(f"""
             models:
               m2: {{cmd: "{SLEEPER}", proxy: "http://127.0.0.1:{port_l}", checkEndpoint: none, aliases: [m3]}}
@@ -161,13 +167,13 @@ class PeerRoutingTests(PeerHarness):
 
     @defer.inlineCallbacks
     def test_second_llamaswap_instance_as_peer(self):
-        _, port_up = self.upstream("b-model")
+        _, port_up = self.responder_site("b-model")
         second, port_b = self.start_instance(f"""
             apiKeys: [key-of-b]
             models:
               m1: {{cmd: "{SLEEPER}", proxy: "http://127.0.0.1:{port_up}", checkEndpoint: none}}
         """)
-        _, port_a = self.upstream("a-model")
+        _, port_a = self.responder_site("a-model")
         self.start(f"""
             models:
               A: {{cmd: "{SLEEPER}", proxy: "http://127.0.0.1:{port_a}", checkEndpoint: none}}
@@ -201,7 +207,7 @@ class PeerRoutingTests(PeerHarness):
 
     @defer.inlineCallbacks
     def test_streaming_backpressure_and_disconnect_reach_the_peer(self):
-        site, port = self.upstream("stream-up")
+        site, port = self.responder_site("stream-up")
         self.start(f"""
             peers:
               remote: {{proxy: "http://127.0.0.1:{port}", models: [m1]}}
@@ -227,18 +233,15 @@ class PeerRoutingTests(PeerHarness):
 
     @defer.inlineCallbacks
     def test_reload_replaces_changed_peers_after_their_requests(self):
-        _, port_one = self.upstream("one", tokens=20, token_delay=0.02)
-        _, port_two = self.upstream("two")
+        _, port_one = self.responder_site("one", tokens=20, token_delay=0.02)
+        _, port_two = self.responder_site("two")
 
         def config(port: int) -> str:
             return f"peers:\n  remote: {{proxy: 'http://127.0.0.1:{port}', models: [m1]}}\n"
 
         self.start(config(port_one))
         before = self.runtime.peers
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(f"startPort: {self.runtime.config.start_port}\n" + config(port_two))
-        self.service.config_path = path
+        self.config_file(config(port_two))
         response, body = yield self.open_stream("remote/m1")  # in flight on the old peer across the reload
         self.assertTrue(self.service.reload())
         self.assertIsNot(self.runtime.peers, before)
@@ -254,7 +257,7 @@ class PeerRoutingTests(PeerHarness):
 
     @defer.inlineCallbacks
     def test_timeouts_and_unreachable_peers(self):
-        _, port = self.upstream("hang", hang_before_headers=True)
+        _, port = self.responder_site("hang", hang_before_headers=True)
         self.start(f"""
             peers:
               slow: {{proxy: "http://127.0.0.1:{port}", models: [m1], timeouts: {{responseHeader: 1}}}}
@@ -274,9 +277,9 @@ class PeerRoutingTests(PeerHarness):
 class SelectorTests(PeerHarness):
     @defer.inlineCallbacks
     def test_pin_warm_and_spillover(self):
-        _, a = self.upstream("A-up", token_delay=0.1, tokens=5)
-        _, b = self.upstream("B-up")
-        _, r = self.upstream("R-up")
+        _, a = self.responder_site("A-up", token_delay=0.1, tokens=5)
+        _, b = self.responder_site("B-up")
+        _, r = self.responder_site("R-up")
         self.start(f"""
             groups:
               both: {{swap: false, members: [A, B]}}
@@ -332,8 +335,8 @@ class SelectorTests(PeerHarness):
 
     @defer.inlineCallbacks
     def test_profile_pins_to_peer_models_and_selectors(self):
-        _, a = self.upstream("A-up")
-        _, r = self.upstream("R-up")
+        _, a = self.responder_site("A-up")
+        _, r = self.responder_site("R-up")
         self.start(f"""
             models:
               A: {{cmd: "{SLEEPER}", proxy: "http://127.0.0.1:{a}", checkEndpoint: none}}
@@ -344,8 +347,7 @@ class SelectorTests(PeerHarness):
             profiles:
               away: {{pins: {{chat: remote/m1, smart: best, A: m1}}}}
         """)
-        response = yield self.request("PUT", "/api/profiles/active", data=b'{"name": "away"}')
-        yield response.content()
+        self.assertEqual((yield self.put_active("away")), (200, {"active": "away"}))
         for name, served_by in (("chat", "R-up"), ("smart", "R-up"), ("A", "R-up")):
             code, reply = yield self.ask(name)
             self.assertEqual((code, reply["echo"]["id"], self.sent(reply)["json"]["model"]), (200, served_by, "m1"))
@@ -382,12 +384,10 @@ class FailoverTests(PeerHarness):
     @defer.inlineCallbacks
     def test_dead_peer_then_5xx_peer_then_a_good_one(self):
         resource, port_500 = self.broken("500")
-        site, port_ok = self.upstream("ok-up")
+        site, port_ok = self.responder_site("ok-up")
         self.start(self.failover_config(
             "dead/m1", "sick/m1", "good/m1",
-            dead=f'proxy: "{DEAD}", models: [m1]',
-            sick=f'proxy: "http://127.0.0.1:{port_500}", models: [m1]',
-            good=f'proxy: "http://127.0.0.1:{port_ok}", models: [m1]'))
+            dead=at(DEAD), sick=at(port_500), good=at(port_ok)))
         response, body = yield self.open_stream("f")
         self.assertEqual(response.code, 200)
         yield body.done.addTimeout(5, reactor)
@@ -402,16 +402,13 @@ class FailoverTests(PeerHarness):
         resource, port_500 = self.broken("500")
         self.start(self.failover_config(
             "sick/m1", "dead/m1", "sick2/m1",
-            dead=f'proxy: "{DEAD}", models: [m1]',
-            sick=f'proxy: "http://127.0.0.1:{port_500}", models: [m1]',
-            sick2=f'proxy: "http://127.0.0.1:{port_500}", models: [m1]'))
+            dead=at(DEAD), sick=at(port_500), sick2=at(port_500)))
         code, reply = yield self.ask("f")
         self.assertEqual((code, reply), (500, {"error": {"message": "boom"}}))  # the last one's own answer
         self.assertEqual(len(resource.hits), 2)
         self.start(self.failover_config(
             "sick/m1", "dead/m1",
-            dead=f'proxy: "{DEAD}", models: [m1]',
-            sick=f'proxy: "http://127.0.0.1:{port_500}", models: [m1]'))
+            dead=at(DEAD), sick=at(port_500)))
         code, reply = yield self.ask("f")
         self.assertEqual(code, 502)
         self.assertTrue(reply["error"]["message"].startswith("peer proxy error"))
@@ -419,11 +416,10 @@ class FailoverTests(PeerHarness):
     @defer.inlineCallbacks
     def test_no_failover_once_bytes_were_sent(self):
         resource, port_cut = self.broken("cut")
-        site, port_ok = self.upstream("ok-up")
+        site, port_ok = self.responder_site("ok-up")
         self.start(self.failover_config(
             "cut/m1", "good/m1",
-            cut=f'proxy: "http://127.0.0.1:{port_cut}", models: [m1]',
-            good=f'proxy: "http://127.0.0.1:{port_ok}", models: [m1]'))
+            cut=at(port_cut), good=at(port_ok)))
         response, body = yield self.open_stream("f")
         self.assertEqual(response.code, 200)
         yield body.done.addTimeout(5, reactor)
@@ -435,8 +431,8 @@ class FailoverTests(PeerHarness):
 
     @defer.inlineCallbacks
     def test_local_model_that_fails_to_start_then_a_peer(self):
-        site, port_ok = self.upstream("ok-up")
-        _, port_a = self.upstream("A-up")
+        site, port_ok = self.responder_site("ok-up")
+        _, port_a = self.responder_site("A-up")
         self.start(f"""
             models:
               broken: {{cmd: "sh -c 'exit 1'", proxy: "{DEAD}"}}
@@ -458,12 +454,11 @@ class FailoverTests(PeerHarness):
     @defer.inlineCallbacks
     def test_health_checks_skip_a_failing_peer_and_are_published(self):
         resource, port_500 = self.broken("500")
-        site, port_ok = self.upstream("ok-up")
+        site, port_ok = self.responder_site("ok-up")
         events = []
         self.start(self.failover_config(
             "sick/m1", "good/m1",
-            sick=f'proxy: "http://127.0.0.1:{port_500}", models: [m1], healthCheck: {{path: /ready, interval: 0.2}}',
-            good=f'proxy: "http://127.0.0.1:{port_ok}", models: [m1], healthCheck: {{}}'))
+            sick=at(port_500, health="path: /ready, interval: 0.2"), good=at(port_ok, health="")))
         self.addCleanup(self.service.events.subscribe(lambda kind, data: events.append(data), kinds=("peerStatus",)))
         yield self.wait_for(lambda: events)
         self.assertEqual(events, [{"peer": "sick", "available": False}])
@@ -493,11 +488,9 @@ class FailoverTests(PeerHarness):
         """A peer that never answers its check is unavailable, and the log says
         why in words ("health check timed out"), not as a list of failures."""
         resource, port = self.broken("hang")
-        logged = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        logged = self.log_events()
         self.start(self.failover_config(
-            "slow/m1", slow=f'proxy: "http://127.0.0.1:{port}", models: [m1], healthCheck: {{interval: 0.2}}'))
+            "slow/m1", slow=at(port, health="interval: 0.2")))
         yield self.wait_for(lambda: not self.runtime.peers.is_available("slow"))
         [text] = [formatEvent(e) for e in logged if "is unavailable" in e.get("log_format", "")]
         self.assertEqual(text, "peer slow is unavailable: health check timed out")

@@ -8,31 +8,26 @@ from twisted.internet import defer
 
 from .test_e2e import Harness, responder
 
-CONFIG = f"""
+MODELS = f"""
     healthCheckTimeout: 15
     groups:
       all: {{swap: false, members: [A, B]}}
     models:
       A: {{cmd: "{responder('--respond A')}", aliases: [a1]}}
       B: {{cmd: "{responder('--respond B')}"}}
+"""
+CONFIG = MODELS + """
     profiles:
       fast:
         description: everything on A
-        pins: {{chat: A, B: a1}}
+        pins: {chat: A, B: a1}
       quiet:
         description: B switched off
-        pins: {{B: ~}}
+        pins: {B: ~}
 """
 
 
 class ProfileTests(Harness):
-    @defer.inlineCallbacks
-    def put_active(self, name):
-        response = yield self.request("PUT", "/api/profiles/active", data=json.dumps({"name": name}).encode(),
-                                      headers={"Content-Type": "application/json"})
-        body = yield response.content()
-        return response.code, json.loads(body)
-
     @defer.inlineCallbacks
     def test_list_switch_and_pins(self):
         self.start(CONFIG)
@@ -100,26 +95,18 @@ class ProfileTests(Harness):
         self.assertEqual(response.code, 404)
 
 
-UPSTREAM_CONFIG = f"""
-    healthCheckTimeout: 15
-    groups:
-      all: {{swap: false, members: [A, B]}}
-    models:
-      A: {{cmd: "{responder('--respond A')}", aliases: [a1]}}
-      B: {{cmd: "{responder('--respond B')}"}}
+UPSTREAM_CONFIG = MODELS + """
     selectors:
-      sel: {{strategy: pin, targets: [A]}}
+      sel: {strategy: pin, targets: [A]}
     profiles:
       p:
-        pins: {{zz: B, pub: a1, "pub/deep": B, A: ~, tosel: sel}}
+        pins: {zz: B, pub: a1, "pub/deep": B, A: ~, tosel: sel}
 """
 
 
 class UpstreamPinTests(Harness):
     """``/upstream/<model>/...`` takes the active profile's pins too
     (reference §2.8: the longest pinned prefix; selectors do not apply there)."""
-
-    put_active = ProfileTests.put_active
 
     @defer.inlineCallbacks
     def test_pins_apply_to_upstream_paths(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -14,6 +14,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from llamaswap.proxy.stream import UpstreamUnavailable, forward, make_agent, upstream_headers
 from llamaswap.testing.responder import ResponderOptions, build_site
+
+from .test_e2e import wait_until
 
 
 class _ProxyResource(Resource):
@@ -125,10 +127,7 @@ class StreamTests(TestCase):
         response.deliverBody(collector)
         yield collector.done
         responder = self.responder_site.responder
-        for _ in range(100):
-            if responder.cancelled >= 1:
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield wait_until(self, lambda: responder.cancelled >= 1, timeout=2)
         self.assertEqual(responder.cancelled, 1)
 
     @defer.inlineCallbacks
@@ -238,16 +237,8 @@ class ChunkedBodyTests(SynchronousTestCase):
         self.assertEqual(len(failures), 1)
 
 
-class _FailingHeadResource(Resource):
+class _FailingHeadResource(_ProxyResource):
     """Forwards, but its ``on_headers`` observer raises."""
-
-    isLeaf = True
-
-    def __init__(self, agent, upstream: str):
-        super().__init__()
-        self.agent = agent
-        self.upstream = upstream
-        self.errors: list = []
 
     def render(self, request):
         def on_headers(response):
@@ -298,8 +289,6 @@ class FailedHeadTests(TestCase):
         yield collector.done
         self.assertEqual([type(e) for e in self.proxy.errors], [ValueError])
         responder = self.responder_site.responder
-        for _ in range(100):  # the upstream sees its client go away long before its 50 tokens are out
-            if responder.cancelled >= 1:
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        # the upstream sees its client go away long before its 50 tokens are out
+        yield wait_until(self, lambda: responder.cancelled >= 1, timeout=2)
         self.assertEqual(responder.cancelled, 1)

@@ -18,7 +18,6 @@ import textwrap
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 
@@ -203,6 +202,7 @@ class LiveReloadTests(Harness):
     removing one does not move the others' ``${PORT}``)."""
 
     timeout = 60
+    model_settings = ""  # more settings for every model of ``text``
 
     def setUp(self):
         base = free_run(10)
@@ -215,7 +215,8 @@ class LiveReloadTests(Harness):
         for name, extra in models.items():
             port = self.ports[name]
             cmd = f"{PY} -m llamaswap.testing.responder --port {port} --id {name} --silent --respond {extra}"
-            lines.append(f'  {name}: {{cmd: "{cmd}", proxy: "http://127.0.0.1:{port}"}}')
+            settings = f", {self.model_settings}" if self.model_settings else ""
+            lines.append(f'  {name}: {{cmd: "{cmd}", proxy: "http://127.0.0.1:{port}"{settings}}}')
         lines.append("groups:")
         lines.append(textwrap.indent(textwrap.dedent(groups).strip("\n"), "  ") if groups else
                      f"  all: {{swap: false, exclusive: false, members: [{', '.join(models)}]}}")
@@ -241,9 +242,10 @@ class LiveReloadTests(Harness):
     def pid(self, model):
         return self.runtime.processes[model].pid
 
-    def no_overlap(self, model):
-        """Record a start of ``model`` while an older process of it still runs."""
-        old = [self.pid(model)]
+    def no_overlap(self, model, of=None):
+        """Record a start of ``model`` while the process that ``of`` (by
+        default ``model`` itself) runs now is still alive."""
+        old = [self.pid(of or model)]
         overlaps = []
 
         def on_event(kind, data):
@@ -258,6 +260,15 @@ class LiveReloadTests(Harness):
         response, body = yield self.chat(model, **extra)
         self.assertEqual(response.code, 200, body)
         return json.loads(body)["responseMessage"]
+
+    @defer.inlineCallbacks
+    def slow_request(self, model):
+        """A request that ``model``'s responder answers after 1 s, once it is
+        in flight there: ``(its Deferred,)`` (in a tuple: yielding this must
+        not wait for the answer)."""
+        slow = self.post("/v1/chat/completions?wait=1s", {"model": model})
+        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight(model) == 1)
+        return (slow,)
 
     @defer.inlineCallbacks
     def test_unchanged_kept_changed_restarted(self):
@@ -284,8 +295,7 @@ class LiveReloadTests(Harness):
         yield self.answer("A")
         old = self.pid("A")
         overlaps = self.no_overlap("A")
-        slow = self.post("/v1/chat/completions?wait=1s", {"model": "A"})
-        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        (slow,) = yield self.slow_request("A")
         self.reload({"A": "A2"})
         queued = self.answer("A")  # waits for the new definition
         response, body = yield slow
@@ -322,9 +332,7 @@ class LiveReloadTests(Harness):
         self.begin({"A": "A"})
         yield self.answer("A")
         pid = self.pid("A")
-        logged = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        logged = self.log_events()
         proxy_b = f'proxy: "http://127.0.0.1:{self.ports["B"]}"'
         with open(self.path, "w") as f:  # two errors, both in B
             f.write(self.text({"A": "A2", "B": "B"}).replace(proxy_b, proxy_b + ", concurrencyLimit: -3, ttl: -5"))

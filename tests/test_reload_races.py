@@ -9,104 +9,26 @@ bounded; no test sleeps.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import textwrap
 
-from twisted.internet import defer, reactor
-from twisted.logger import globalLogPublisher
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.internet import defer
 
 from llamaswap.service import ConfigWatcher
 
-from .test_e2e import free_run, pid_alive
+from .test_e2e import pid_alive
 from .test_peers import PeerHarness
 from .test_faults_upstream import SLEEPER
 from . import test_reload_live
-
-PY = sys.executable
-
-
-class Held(Resource):
-    """An upstream that holds every request until the test answers it."""
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.held = []
-
-    def render(self, request):
-        self.held.append(request)
-        return NOT_DONE_YET
-
-    def answer(self, code: int, body: bytes = b'{"error":{"message":"boom"}}') -> None:
-        for request in self.held:
-            request.setResponseCode(code)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(body)
-            request.finish()
-        self.held = []
 
 
 class ReloadRaceTests(PeerHarness):
     timeout = 40
 
-    def held(self):
-        resource = Held()
-        return resource, self.listen(Site(resource))
-
-    def config_file(self, text: str) -> None:
-        """Where ``service.reload()`` reads from: ``text`` (the running start port kept)."""
-        path = getattr(self, "_path", None) or os.path.abspath(self.mktemp())
-        self._path = path
-        with open(path, "w") as f:
-            f.write(f"startPort: {self.runtime.config.start_port}\n" + textwrap.dedent(text).lstrip("\n"))
-        self.service.config_path = path
-
     @defer.inlineCallbacks
-    def test_failover_target_removed_by_a_reload_while_the_first_is_tried(self):
-        """A failover selector's next target is a local model that a reload
-        removed while the first target was being tried: the request gets a
-        clear answer (the removal), not a crash."""
-        held, port_h = self.held()
-        _, port_b = self.upstream("B-up")
-        self.start(f"""
-            models:
-              B: {{cmd: "{SLEEPER}", proxy: "http://127.0.0.1:{port_b}", checkEndpoint: none}}
-            peers:
-              first: {{proxy: "http://127.0.0.1:{port_h}", models: [m1]}}
-            selectors:
-              f: {{strategy: failover, targets: [first/m1, B]}}
-        """)
-        asked = self.ask("f")
-        yield self.wait_for(lambda: held.held)
-        self.config_file(f"""
-            peers:
-              first: {{proxy: "http://127.0.0.1:{port_h}", models: [m1]}}
-            selectors:
-              f: {{strategy: failover, targets: [first/m1]}}
-        """)
-        self.assertTrue(self.service.reload())
-        held.answer(500)  # the first target fails before any byte went out: the next is B, now gone
-        code, reply = yield asked
-        self.assertEqual(code, 404, reply)
-        self.assertEqual(reply["error"]["message"], "model 'B' was removed from the config")
-        yield self.wait_for(lambda: self.runtime.peers.in_flight == 0)
-
-    @defer.inlineCallbacks
-    def test_failover_target_on_a_peer_removed_by_a_reload(self):
-        """The same with the next target on a peer that the reload removed."""
-        held, port_h = self.held()
-        _, port_g = self.upstream("gone-up")
-        self.start(f"""
-            peers:
-              first: {{proxy: "http://127.0.0.1:{port_h}", models: [m1]}}
-              gone: {{proxy: "http://127.0.0.1:{port_g}", models: [m1]}}
-            selectors:
-              f: {{strategy: failover, targets: [first/m1, gone/m1]}}
-        """)
+    def fail_first_after_a_reload(self, held, port_h):
+        """Ask the failover selector ``f``; while its first target (peer
+        ``first`` at ``port_h``, where ``held`` holds the request) has it, a
+        reload leaves ``f`` that target alone; then the first target fails
+        before any byte went out (a 500): ``(status, reply)`` of the request."""
         asked = self.ask("f")
         yield self.wait_for(lambda: held.held)
         self.config_file(f"""
@@ -117,59 +39,52 @@ class ReloadRaceTests(PeerHarness):
         """)
         self.assertTrue(self.service.reload())
         held.answer(500)
-        code, reply = yield asked
-        self.assertEqual(code, 404, reply)
-        self.assertEqual(reply["error"]["message"], "model 'gone/m1' was removed from the config")
+        result = yield asked
+        return result
 
     @defer.inlineCallbacks
-    def test_a_swap_waits_for_the_old_process_of_a_restarted_model_it_evicts(self):
-        """A and B swap (one at a time).  A reload changes A's cmd while a
-        request is in flight on A's old process; a request for B waits for
-        it, and B starts only once that old process is gone, as a swap away
-        from A always waits for A's process to be gone.  (A's concurrency
-        limit of 1 keeps the reload from loading A again at once: that load
-        would otherwise stand between the two.)"""
-        base = free_run(2)
-        port_a, port_b = base, base + 1
+    def test_failover_target_removed_by_a_reload_while_the_first_is_tried(self):
+        """A failover selector's next target is a local model that a reload
+        removed while the first target was being tried: the request gets a
+        clear answer (the removal), not a crash."""
+        held, port_h = self.broken("hang")
+        _, port_b = self.responder_site("B-up")
+        self.start(f"""
+            models:
+              B: {{cmd: "{SLEEPER}", proxy: "http://127.0.0.1:{port_b}", checkEndpoint: none}}
+            peers:
+              first: {{proxy: "http://127.0.0.1:{port_h}", models: [m1]}}
+            selectors:
+              f: {{strategy: failover, targets: [first/m1, B]}}
+        """)
+        code, reply = yield self.fail_first_after_a_reload(held, port_h)  # the next target is B, now gone
+        self.assertEqual(code, 404, reply)
+        self.assertEqual(reply["error"]["message"], "model 'B' was removed from the config")
+        yield self.wait_for(lambda: self.runtime.peers.in_flight == 0)
 
-        def text(reply_a: str) -> str:
-            models = {"A": (port_a, reply_a), "B": (port_b, "B")}
-            lines = ["healthCheckTimeout: 15", "models:"]
-            for name, (port, reply) in models.items():
-                cmd = f"{PY} -m llamaswap.testing.responder --port {port} --id {name} --silent --respond {reply}"
-                lines.append(f'  {name}: {{cmd: "{cmd}", proxy: "http://127.0.0.1:{port}", concurrencyLimit: 1}}')
-            lines += ["groups:", "  g: {swap: true, exclusive: true, members: [A, B]}"]
-            return "\n".join(lines) + "\n"
-
-        self.start(text("A"))
-        code, reply = yield self.ask("A")
-        self.assertEqual(code, 200, reply)
-        old_a = self.runtime.processes["A"].pid
-        overlaps = []
-
-        def on_event(kind, data):
-            if kind == "modelStatus" and data["id"] == "B" and data["state"] == "starting" and pid_alive(old_a):
-                overlaps.append(old_a)
-
-        self.addCleanup(self.service.events.subscribe(on_event))
-        slow = self.post("/v1/chat/completions?wait=1s", {"model": "A", "messages": []})
-        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
-        self.config_file(text("A2"))
-        self.assertTrue(self.service.reload())
-        self.assertEqual(self.runtime.router.retiring("A")[0].pid, old_a)
-        code, reply = yield self.ask("B")  # waits for the request in flight on A's old process
-        self.assertEqual((code, reply.get("responseMessage")), (200, "B"), reply)
-        response, body = yield slow
-        self.assertEqual(response.code, 200)
-        self.assertEqual(overlaps, [])  # B did not start while A's old process was still there
+    @defer.inlineCallbacks
+    def test_failover_target_on_a_peer_removed_by_a_reload(self):
+        """The same with the next target on a peer that the reload removed."""
+        held, port_h = self.broken("hang")
+        _, port_g = self.responder_site("gone-up")
+        self.start(f"""
+            peers:
+              first: {{proxy: "http://127.0.0.1:{port_h}", models: [m1]}}
+              gone: {{proxy: "http://127.0.0.1:{port_g}", models: [m1]}}
+            selectors:
+              f: {{strategy: failover, targets: [first/m1, gone/m1]}}
+        """)
+        code, reply = yield self.fail_first_after_a_reload(held, port_h)
+        self.assertEqual(code, 404, reply)
+        self.assertEqual(reply["error"]["message"], "model 'gone/m1' was removed from the config")
 
     @defer.inlineCallbacks
     def test_health_checks_of_replaced_peers_stop(self):
         """Peers with health checks, one check hanging, replaced by a reload,
         then the service stops: no check goes on (trial fails a test that
         leaves timers or connections behind)."""
-        held, port_h = self.held()
-        _, port_ok = self.upstream("ok-up")
+        held, port_h = self.broken("hang")
+        _, port_ok = self.responder_site("ok-up")
         self.start(f"""
             peers:
               slow: {{proxy: "http://127.0.0.1:{port_h}", models: [m1], healthCheck: {{interval: 0.2}}}}
@@ -196,8 +111,31 @@ class RedefinitionTests(PeerHarness):
 
     timeout = 60
     _live = test_reload_live.LiveReloadTests  # (not a module global: trial would run it here too)
-    setUp, text, begin, write = _live.setUp, _live.text, _live.begin, _live.write
-    reload, pid, no_overlap, answer = _live.reload, _live.pid, _live.no_overlap, _live.answer
+    setUp, text, begin, write, model_settings = _live.setUp, _live.text, _live.begin, _live.write, _live.model_settings
+    reload, pid, no_overlap, answer, slow_request = (_live.reload, _live.pid, _live.no_overlap, _live.answer,
+                                                     _live.slow_request)
+
+    @defer.inlineCallbacks
+    def test_a_swap_waits_for_the_old_process_of_a_restarted_model_it_evicts(self):
+        """A and B swap (one at a time).  A reload changes A's cmd while a
+        request is in flight on A's old process; a request for B waits for
+        it, and B starts only once that old process is gone, as a swap away
+        from A always waits for A's process to be gone.  (A's concurrency
+        limit of 1 keeps the reload from loading A again at once: that load
+        would otherwise stand between the two.)"""
+        groups = "g: {swap: true, exclusive: true, members: [A, B]}"
+        self.model_settings = "concurrencyLimit: 1"
+        self.begin({"A": "A", "B": "B"}, groups)
+        self.assertEqual((yield self.answer("A")), "A")
+        old_a = self.pid("A")
+        overlaps = self.no_overlap("B", of="A")
+        (slow,) = yield self.slow_request("A")
+        self.reload({"A": "A2", "B": "B"}, groups)
+        self.assertEqual(self.runtime.router.retiring("A")[0].pid, old_a)
+        self.assertEqual((yield self.answer("B")), "B")  # waits for the request in flight on A's old process
+        response, body = yield slow
+        self.assertEqual(response.code, 200)
+        self.assertEqual(overlaps, [])  # B did not start while A's old process was still there
 
     @defer.inlineCallbacks
     def test_a_model_redefined_twice_while_its_old_process_drains(self):
@@ -205,8 +143,7 @@ class RedefinitionTests(PeerHarness):
         yield self.answer("A")
         old = self.pid("A")
         overlaps = self.no_overlap("A")
-        slow = self.post("/v1/chat/completions?wait=1s", {"model": "A"})
-        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        (slow,) = yield self.slow_request("A")
         self.reload({"A": "A2", "B": "B"})
         queued = self.answer("A")
         self.reload({"A": "A3", "B": "B"})
@@ -223,8 +160,7 @@ class RedefinitionTests(PeerHarness):
         yield self.answer("A")
         old = self.pid("A")
         overlaps = self.no_overlap("A")
-        slow = self.post("/v1/chat/completions?wait=1s", {"model": "A"})
-        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("A") == 1)
+        (slow,) = yield self.slow_request("A")
         self.reload({"B": "B"})
         self.reload({"A": "A", "B": "B"})  # the same definition as before: a new process all the same
         queued = self.answer("A")
@@ -243,9 +179,7 @@ class RedefinitionTests(PeerHarness):
         an invalid config like any other: logged, the old one keeps serving,
         and the next edit is still seen."""
         self.begin({"A": "A"})
-        logged = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        logged = self.log_events()
         watcher = ConfigWatcher(self.service, interval=0.05)
         watcher.setServiceParent(self.service)
         with open(self.path, "a") as f:
@@ -262,8 +196,7 @@ class RedefinitionTests(PeerHarness):
         the models: those on the old process of a model a reload removed too."""
         self.begin({"A": "A", "R": "R"})
         yield self.answer("R")
-        slow = self.post("/v1/chat/completions?wait=1s", {"model": "R"})
-        yield self.wait_for(lambda: self.runtime.router.scheduler.in_flight("R") == 1)
+        (slow,) = yield self.slow_request("R")
         self.reload({"A": "A"})
         yield self.service.stopService()
         response, body = yield slow

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.config import ConfigError, Selector, load_config_text
+from llamaswap.config import Selector, load_config_text
 from llamaswap.process import ProcessState
 from llamaswap.proxy.filters import replace_query_model
 from llamaswap.router.peers import PeerRoute, Target, peer_routes, resolve
 from llamaswap.router.selectors import NoTarget, SpilloverCounts, choose, selector_targets
+
+from .test_config import ErrorsMixin
 
 READY, STARTING, STOPPED, STOPPING = (ProcessState.READY, ProcessState.STARTING, ProcessState.STOPPED,
                                       ProcessState.STOPPING)
@@ -147,12 +149,7 @@ class StrategyTests(SynchronousTestCase):
             self.choose(sel, [])
 
 
-class ConfigTests(SynchronousTestCase):
-    def errors(self, text: str) -> list:
-        with self.assertRaises(ConfigError) as caught:
-            load_config_text(text)
-        return caught.exception.errors
-
+class ConfigTests(ErrorsMixin, SynchronousTestCase):
     def test_failover_strategy_and_peer_keys(self):
         config = load_config_text("""
 models:

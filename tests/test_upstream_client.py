@@ -187,6 +187,23 @@ class _Base(TestCase):
     def forward(self, client, request, url: bytes, body: bytes = b"", headers: Optional[Headers] = None, **kw):
         return forward(client, request, url, body, headers if headers is not None else Headers(), **kw)
 
+    async def unanswered(self, **kw) -> tuple:
+        """A request to an upstream that never answers, once its head is
+        there: ``(client, the forward's Deferred, the upstream's connection)``."""
+        factory = _UpstreamFactory()
+        base = self.serve(factory)
+        client = self.client()
+        d = self.forward(client, _Request(), base + b"/a", **kw)
+        up, _ = await factory.heads.get()
+        return client, d, up
+
+    async def first_chunk(self, request, url: bytes, **kw) -> tuple:
+        """Forward ``request`` with a fresh client until its first body piece
+        is relayed: ``(the forward's Deferred, that piece)``."""
+        first = defer.Deferred()
+        d = self.forward(self.client(), request, url, on_chunk=lambda data: first.called or first.callback(data), **kw)
+        return d, await first
+
 
 class KeepAliveTests(_Base):
     async def test_connection_reused(self):
@@ -422,11 +439,7 @@ class ResponseTests(_Base):
 class TimeoutTests(_Base):
     async def test_header_timeout(self):
         clock = Clock()
-        factory = _UpstreamFactory()  # never answers
-        base = self.serve(factory)
-        client = self.client()
-        d = self.forward(client, _Request(), base + b"/a", clock=clock, header_timeout=5)
-        up, _ = await factory.heads.get()
+        client, d, up = await self.unanswered(clock=clock, header_timeout=5)
         clock.advance(4.9)
         self.assertNoResult(d)
         clock.advance(0.1)
@@ -438,10 +451,8 @@ class TimeoutTests(_Base):
         clock = Clock()
         factory = _UpstreamFactory(head + b"abc")
         base = self.serve(factory)
-        first = defer.Deferred()
-        d = self.forward(self.client(), _Request(), base + b"/a", clock=clock, body_idle=5,
-                         on_chunk=lambda data: first.called or first.callback(data))
-        self.assertEqual(await first, b"abc")
+        d, first = await self.first_chunk(_Request(), base + b"/a", clock=clock, body_idle=5)
+        self.assertEqual(first, b"abc")
         clock.advance(4.9)
         self.assertNoResult(d)
         clock.advance(0.1)
@@ -462,10 +473,7 @@ class TimeoutTests(_Base):
         factory = _UpstreamFactory(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
         base = self.serve(factory)
         request = _Request()
-        first = defer.Deferred()
-        d = self.forward(self.client(), request, base + b"/a", clock=clock, body_idle=5,
-                         on_chunk=lambda data: first.called or first.callback(data))
-        await first
+        d, _ = await self.first_chunk(request, base + b"/a", clock=clock, body_idle=5)
         request.producer.pauseProducing()
         clock.advance(60)
         self.assertNoResult(d)
@@ -500,6 +508,7 @@ class ContinueTests(_Base):
         up, seen = await factory.heads.get()
         self.assertEqual(up.received.partition(b"\r\n\r\n")[2], b"")
         clock.advance(2.9)
+        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [3])  # the body still held
         clock.advance(0.1)
         self.assertEqual(await d, 2)
         self.assertEqual((seen.body, seen.body_at), (b"body", [3]))
@@ -561,10 +570,7 @@ class BackpressureTests(_Base):
         factory = _UpstreamFactory(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
         base = self.serve(factory)
         request = _Request()
-        first = defer.Deferred()
-        d = self.forward(self.client(), request, base + b"/a",
-                         on_chunk=lambda data: first.called or first.callback(data))
-        await first
+        d, _ = await self.first_chunk(request, base + b"/a")
         transport = self.made[0].transport
         self.assertIn(transport, reactor.getReaders())
         request.producer.pauseProducing()
@@ -589,11 +595,7 @@ class BackpressureTests(_Base):
 
 class CancelTests(_Base):
     async def test_cancel_aborts_the_upstream_connection(self):
-        factory = _UpstreamFactory()
-        base = self.serve(factory)
-        client = self.client()
-        d = self.forward(client, _Request(), base + b"/a")
-        up, _ = await factory.heads.get()
+        client, d, up = await self.unanswered()
         d.cancel()
         self.failureResultOf(d, CancelledError)
         await up.closed
@@ -603,10 +605,7 @@ class CancelTests(_Base):
         factory = _UpstreamFactory(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         base = self.serve(factory)
         request = _Request()
-        first = defer.Deferred()
-        d = self.forward(self.client(), request, base + b"/a",
-                         on_chunk=lambda data: first.called or first.callback(data))
-        await first
+        d, _ = await self.first_chunk(request, base + b"/a")
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertIsNone(request.producer)
@@ -642,11 +641,7 @@ class PoolTests(_Base):
         self.assertIsNone(self.successResultOf(UpstreamPool(Clock()).close()))
 
     async def test_closed_pool_parks_nothing(self):
-        factory = _UpstreamFactory()
-        base = self.serve(factory)
-        client = self.client()
-        d = self.forward(client, _Request(), base + b"/a")
-        up, _ = await factory.heads.get()
+        client, d, up = await self.unanswered()
         await client.pool.close()  # nothing parked yet: the busy connection is left alone
         up.transport.write(OK)
         self.assertEqual(await d, 2)
